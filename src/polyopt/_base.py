@@ -1,0 +1,455 @@
+"""The engine shared by every optimizer.
+
+An optimizer is a :class:`Rule` (its math for one array, written once with array-API
+operations) plus hyperparameters. :class:`Optimizer` turns a rule into the pure
+``init`` / ``update`` pair; :func:`stateful` turns an optimizer factory into the
+torch-like class (``AdamW(params).step(grads)``). Both forms run the same code path:
+the stateful form calls ``update`` and then writes the results back.
+
+An update is all-or-nothing: every input is checked and every new array computed
+before anything is handed back or written, so a step that raises leaves params,
+state and step count as they were.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from . import _tree, _xp
+
+IMPLS = ("auto", "generic", "fused")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The math of one optimizer family.
+
+    - ``defaults``: hyperparameter names and default values (torch's).
+    - ``check(hp)``: raise on invalid hyperparameters (one dict, defaults merged).
+    - ``slots(hp)``: names of the per-array state entries these hyperparameters need.
+    - ``init(p, hp, xp)``: initial value of each slot for array ``p``.
+    - ``step(p, g, s, hp, t, xp)``: one update of one array; ``s`` maps slot name to
+      array, ``t`` is the 1-based step count (a Python int, or a 0-d array of the
+      compute dtype under jit). Returns ``(new_p, new_s)``. Pure: never mutates.
+    - ``schedulable``: hyperparameters that may be a function of the step count.
+    """
+
+    name: str
+    defaults: Mapping[str, Any]
+    check: Callable[[dict], None]
+    slots: Callable[[dict], tuple[str, ...]]
+    step: Callable[..., tuple[Any, dict]]
+    init: Callable[[Any, dict, Any], dict] | None = None
+    schedulable: tuple[str, ...] = ("lr", "weight_decay")
+
+    def init_slots(self, p: Any, hp: dict, xp: Any) -> dict:
+        if self.init is not None:
+            return self.init(p, hp, xp)
+        return {name: xp.zeros_like(p) for name in self.slots(hp)}
+
+
+class OptState(NamedTuple):
+    """Functional optimizer state: a pytree (JAX), a plain tuple everywhere else.
+
+    ``step``: how many updates have been applied (a Python int, or a 0-d int32 array
+    for JAX so that ``jax.jit`` does not recompile each step).
+    ``slots``: one dict per parameter array (in flattening order) of state arrays, named
+    as ``torch.optim`` names them (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``...).
+    """
+
+    step: Any
+    slots: tuple
+
+
+def _group_label(i: int, n: int) -> str:
+    return f" (param group {i})" if n > 1 else ""
+
+
+class Optimizer:
+    """A pure optimizer: ``state = opt.init(params)``, ``params, state = opt.update(...)``.
+
+    Built by the factories (``polyopt.adamw(...)``); not usually constructed directly.
+    """
+
+    def __init__(self, rule: Rule, hyperparams: Mapping[str, Any], impl: str = "auto"):
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.rule = rule
+        self.impl = impl
+        self.hyperparams = {**rule.defaults, **hyperparams}
+        self._check(self.hyperparams, "")
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())
+        return f"polyopt.{self.rule.name}({args})"
+
+    # -- checks -----------------------------------------------------------------------
+
+    def _check(self, hp: dict, where: str) -> None:
+        unknown = set(hp) - set(self.rule.defaults)
+        if unknown:
+            raise TypeError(
+                f"{self.rule.name} got unknown hyperparameter(s) {sorted(unknown)}{where}; "
+                f"known: {sorted(self.rule.defaults)}"
+            )
+        for name, value in hp.items():
+            if callable(value) and name not in self.rule.schedulable:
+                raise TypeError(f"{name} cannot be a schedule{where}, got {value!r}")
+        try:
+            self.rule.check(hp)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{e}{where}") from None
+
+    def _groups(self, params: Any, what: str = "params") -> tuple[list, list[dict], list]:
+        """Split ``params`` into per-group trees, checked hyperparameters and leaves."""
+        trees, overrides = _tree.split_groups(params)
+        groups = []
+        for i, o in enumerate(overrides):
+            hp = {**self.hyperparams, **o}
+            self._check(hp, _group_label(i, len(overrides)))
+            groups.append(hp)
+        leaves_per_group = [_tree.flatten(t) for t in trees]
+        return trees, groups, leaves_per_group
+
+    @staticmethod
+    def _check_arrays(leaves: list, what: str) -> Any:
+        if not leaves:
+            raise ValueError(f"{what} must contain at least one array, got an empty structure")
+        xp = _xp.namespace(leaves, what)
+        _xp.check_same_device(leaves, what)
+        for i, p in enumerate(leaves):
+            if not xp.isdtype(p.dtype, "real floating"):
+                raise TypeError(
+                    f"{what} leaf {i} has dtype {p.dtype}; optimizers need floating-point arrays"
+                )
+        return xp
+
+    # -- the pure pair ----------------------------------------------------------------
+
+    def init(self, params: Any) -> OptState:
+        """Initial state for ``params`` (one array, a list/tuple, a dict, or groups)."""
+        _, groups, flat = self._groups(params)
+        leaves = [leaf for lv, _ in flat for leaf in lv]
+        xp = self._check_arrays(leaves, "params")
+        slots = []
+        with _xp.no_grad(xp):
+            for hp, (lv, _) in zip(groups, flat):
+                hp0 = _at_step(hp, 0, self.rule.schedulable)
+                slots.extend(self.rule.init_slots(p, hp0, xp) for p in lv)
+        step = xp.asarray(0, dtype=xp.int32) if _xp.is_jax(xp) else 0
+        return OptState(step, tuple(slots))
+
+    def update(self, params: Any, grads: Any, state: OptState) -> tuple[Any, OptState]:
+        """Apply one step; returns ``(new_params, new_state)`` and mutates nothing.
+
+        ``grads`` has the structure of ``params``; with parameter groups, it may be the
+        list of per-group trees (or the group dicts themselves).
+        """
+        trees, groups, flat = self._groups(params)
+        leaves = [leaf for lv, _ in flat for leaf in lv]
+        grad_leaves = self._grad_leaves(grads, trees, flat)
+        xp = self._check_arrays(leaves + grad_leaves, "params and grads")
+        for i, (p, g) in enumerate(zip(leaves, grad_leaves)):
+            if tuple(g.shape) != tuple(p.shape) or g.dtype != p.dtype:
+                raise ValueError(
+                    f"grads leaf {i} has shape {tuple(g.shape)} and dtype {g.dtype}, "
+                    f"expected shape {tuple(p.shape)} and dtype {p.dtype} as in params"
+                )
+        self._check_state(state, groups, flat)
+
+        k = state.step
+        new_leaves, new_slots = [], []
+        with _xp.no_grad(xp):
+            i = 0
+            for hp, (lv, _) in zip(groups, flat):
+                hp_k = _at_step(hp, k, self.rule.schedulable)
+                for p in lv:
+                    new_p, new_s = self._step_one(xp, p, grad_leaves[i], state.slots[i], hp_k, k)
+                    new_leaves.append(new_p)
+                    new_slots.append(new_s)
+                    i += 1
+
+        new_trees, start = [], 0
+        for lv, structure in flat:
+            new_trees.append(_tree.unflatten(structure, new_leaves[start : start + len(lv)]))
+            start += len(lv)
+        return _tree.join_groups(params, new_trees), OptState(k + 1, tuple(new_slots))
+
+    def _step_one(self, xp, p, g, slots, hp, k):
+        cdt = _xp.compute_dtype(xp, p.dtype)
+        if _xp.is_python_scalar(k):
+            t = k + 1
+        else:  # traced / array step count: bias corrections in the state's float dtype
+            t = xp.astype(k + 1, cdt)
+            hp = {n: xp.astype(v, cdt) if _xp.is_array(v) else v for n, v in hp.items()}
+        if cdt != p.dtype:
+            p_c, g_c = xp.astype(p, cdt), xp.astype(g, cdt)
+            s_c = {n: xp.astype(v, cdt) for n, v in slots.items()}
+            new_p, new_s = self.rule.step(p_c, g_c, s_c, hp, t, xp)
+            new_p = xp.astype(new_p, p.dtype)
+            new_s = {n: xp.astype(v, p.dtype) for n, v in new_s.items()}
+        else:
+            new_p, new_s = self.rule.step(p, g, dict(slots), hp, t, xp)
+        return _xp.as_array(xp, new_p), {n: _xp.as_array(xp, v) for n, v in new_s.items()}
+
+    def _grad_leaves(self, grads: Any, trees: list, flat: list) -> list:
+        if grads is None:
+            raise ValueError("grads must be given (an array, list, tuple or dict), got None")
+        if len(trees) == 1 and not _tree.is_groups(grads):
+            return _tree.flatten_like(grads, flat[0][1], "grads")
+        grad_trees, _ = _tree.split_groups(grads) if _tree.is_groups(grads) else (grads, None)
+        if not isinstance(grad_trees, (list, tuple)) or len(grad_trees) != len(trees):
+            raise ValueError(
+                f"grads must hold one entry per parameter group ({len(trees)}), "
+                f"got {type(grads).__name__}"
+                + (f" of length {len(grads)}" if isinstance(grads, (list, tuple)) else "")
+            )
+        out = []
+        for i, (gt, (_, structure)) in enumerate(zip(grad_trees, flat)):
+            out.extend(_tree.flatten_like(gt, structure, f"grads[{i}]", f"params group {i}"))
+        return out
+
+    def _check_state(self, state: Any, groups: list, flat: list) -> None:
+        if not isinstance(state, OptState):
+            raise TypeError(f"state must be the OptState from init(), got {type(state).__name__}")
+        n = sum(len(lv) for lv, _ in flat)
+        if len(state.slots) != n:
+            raise ValueError(
+                f"state holds {len(state.slots)} parameter arrays but params has {n}; "
+                "was it made by init() on these params?"
+            )
+        i = 0
+        for hp, (lv, _) in zip(groups, flat):
+            names = set(self.rule.slots(hp))
+            for _ in lv:
+                if set(state.slots[i]) != names:
+                    raise ValueError(
+                        f"state for params leaf {i} holds {sorted(state.slots[i])}, the "
+                        f"hyperparameters need {sorted(names)} (was amsgrad/momentum/centered "
+                        "changed after init?)"
+                    )
+                i += 1
+
+
+def _at_step(hp: dict, k: Any, schedulable: tuple) -> dict:
+    """Hyperparameters at step ``k``: schedules evaluated, Python numbers kept as they are."""
+    out = dict(hp)
+    for name in schedulable:
+        v = hp.get(name)
+        if callable(v):
+            value = v(k)
+            if _xp.is_python_scalar(k):
+                value = float(value)  # host step count: keep host float64 math
+            if _xp.is_python_scalar(value) and not value >= 0:
+                raise ValueError(f"{name} schedule gave {value!r} at step {k}; it must be >= 0")
+            out[name] = value
+    return out
+
+
+# -- the stateful (torch-like) form ---------------------------------------------------
+
+
+class StatefulOptimizer:
+    """Torch-like optimizer object holding params and state; built by :func:`stateful`.
+
+    ``step(grads)`` updates NumPy / CuPy / PyTorch arrays in place (the user's own
+    objects, ``nn.Parameter`` included) and holds the new arrays for JAX: read them back
+    from :attr:`params`. ``param_groups`` are live: changing ``opt.param_groups[0]["lr"]``
+    takes effect at the next step, as in torch.
+    """
+
+    _factory: Callable[..., Optimizer]
+
+    def __init__(self, params: Any, **hyperparams: Any):
+        self._opt = type(self)._factory(**hyperparams)
+        trees, overrides = _tree.split_groups(params)
+        self._grouped = _tree.is_groups(params)
+        self.param_groups = [
+            {**self._opt.hyperparams, **o, "params": t} for t, o in zip(trees, overrides)
+        ]
+        state = self._opt.init(self.param_groups)
+        self._state = state._replace(step=0)  # host step count: float64 bias corrections
+        leaves = [leaf for g in self.param_groups for leaf in _tree.flatten(g["params"])[0]]
+        self._xp = _xp.namespace(leaves, "params")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.param_groups)} group(s), step={self.step_count})"
+
+    @property
+    def params(self) -> Any:
+        """The parameters, in the structure they were given (the updated arrays for JAX)."""
+        if self._grouped:
+            return self.param_groups
+        return self.param_groups[0]["params"]
+
+    @property
+    def state(self) -> OptState:
+        """The functional state (read-only view; use state_dict() for a snapshot)."""
+        return self._state
+
+    @property
+    def step_count(self) -> int:
+        return int(self._state.step)
+
+    def step(self, grads: Any = None) -> None:
+        """One update. ``grads`` has the structure of params; for torch tensors it may be
+        omitted to use each parameter's ``.grad``."""
+        if grads is None:
+            grads = self._grads_from_attribute()
+        new_groups, new_state = self._opt.update(self.param_groups, grads, self._state)
+        xp = self._xp
+        if _xp.writable(xp):
+            with _xp.no_grad(xp):
+                for old, new in zip(self.param_groups, new_groups):
+                    for dst, src in zip(
+                        _tree.flatten(old["params"])[0], _tree.flatten(new["params"])[0]
+                    ):
+                        _xp.write_into(xp, dst, src)
+        else:
+            for old, new in zip(self.param_groups, new_groups):
+                old["params"] = new["params"]
+        self._state = new_state
+
+    def _grads_from_attribute(self) -> list:
+        out = []
+        for gi, g in enumerate(self.param_groups):
+            leaves, structure = _tree.flatten(g["params"])
+            grads = []
+            for i, p in enumerate(leaves):
+                grad = getattr(p, "grad", None)
+                if grad is None:
+                    raise ValueError(
+                        f"grads were not given and params group {gi} leaf {i} has no .grad; "
+                        "pass grads explicitly (only torch tensors carry .grad)"
+                    )
+                grads.append(grad)
+            out.append(_tree.unflatten(structure, grads))
+        return out
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """A snapshot: ``{"step", "state": {i: {slot: array}}, "param_groups": [...]}``.
+
+        Arrays are copies in the params' library; nothing aliases the live state.
+        Leaves are numbered across groups in flattening order, as in torch.
+        """
+        xp = self._xp
+        groups, start = [], 0
+        for g in self.param_groups:
+            n = len(_tree.flatten(g["params"])[0])
+            groups.append(
+                {**{k: v for k, v in g.items() if k != "params"}, "params": list(range(start, start + n))}
+            )
+            start += n
+        return {
+            "step": self.step_count,
+            "state": {
+                i: {name: _xp.copy(xp, a) for name, a in slots.items()}
+                for i, slots in enumerate(self._state.slots)
+            },
+            "param_groups": groups,
+        }
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restore a :meth:`state_dict` snapshot; everything is checked before anything
+        changes, and the arrays are copied in (so the snapshot stays independent)."""
+        xp = self._xp
+        if not isinstance(state_dict, Mapping) or set(state_dict) != {"step", "state", "param_groups"}:
+            raise ValueError(
+                "state_dict must be a dict with keys ['param_groups', 'state', 'step'], got "
+                + (repr(sorted(state_dict)) if isinstance(state_dict, Mapping) else type(state_dict).__name__)
+            )
+        step = state_dict["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"state_dict['step'] must be an int >= 0, got {step!r}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        new_groups, leaves = [], []
+        for gi, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            lv = _tree.flatten(mine["params"])[0]
+            if len(saved.get("params", ())) != len(lv):
+                raise ValueError(
+                    f"state_dict['param_groups'][{gi}] has {len(saved.get('params', ()))} "
+                    f"params, this optimizer's group has {len(lv)}"
+                )
+            hp = {k: v for k, v in saved.items() if k != "params"}
+            self._opt._check({**self._opt.hyperparams, **hp}, _group_label(gi, len(saved_groups)))
+            new_groups.append({**mine, **hp})
+            leaves.extend((p, self._opt.rule.slots({**self._opt.hyperparams, **hp})) for p in lv)
+        saved_state = state_dict["state"]
+        if set(saved_state) != set(range(len(leaves))):
+            raise ValueError(
+                f"state_dict['state'] has entries for {len(saved_state)} arrays, "
+                f"expected one for each of the {len(leaves)} params"
+            )
+        slots = []
+        for i, (p, names) in enumerate(leaves):
+            entry = saved_state[i]
+            if set(entry) != set(names):
+                raise ValueError(
+                    f"state_dict['state'][{i}] holds {sorted(entry)}, expected {sorted(names)}"
+                )
+            for name, a in entry.items():
+                if tuple(a.shape) != tuple(p.shape) or _dtype_name(a.dtype) != _dtype_name(p.dtype):
+                    raise ValueError(
+                        f"state_dict['state'][{i}][{name!r}] has shape {tuple(a.shape)} and dtype "
+                        f"{a.dtype}, expected shape {tuple(p.shape)} and dtype {p.dtype}"
+                    )
+        dev = _xp.device_of(leaves[0][0])
+        for i, (p, _) in enumerate(leaves):
+            slots.append(
+                {
+                    n: _xp.copy(xp, xp.asarray(a, device=dev))
+                    for n, a in saved_state[i].items()
+                }
+            )
+        # everything checked and copied: now commit
+        for mine, new in zip(self.param_groups, new_groups):
+            mine.update(new)
+        self._state = OptState(step, tuple(slots))
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def stateful(factory: Callable[..., Optimizer], name: str) -> type:
+    """Build the torch-like class for an optimizer factory (same hyperparameters)."""
+    sig = inspect.signature(factory)
+    params = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    cls = type(
+        name,
+        (StatefulOptimizer,),
+        {
+            "_factory": staticmethod(factory),
+            "__doc__": (
+                f"Stateful form of :func:`polyopt.{factory.__name__}`: "
+                f"``opt = polyopt.{name}(params, ...)``, ``opt.step(grads)``.\n\n"
+                + (factory.__doc__ or "")
+            ),
+            "__module__": "polyopt",
+        },
+    )
+    cls.__signature__ = sig.replace(parameters=params + list(sig.parameters.values()))  # type: ignore[attr-defined]
+    return cls
+
+
+def scalar_sqrt(x: Any, xp: Any) -> Any:
+    """sqrt of a host float or of a 0-d array (jit path)."""
+    return math.sqrt(x) if _xp.is_python_scalar(x) else xp.sqrt(x)
+
+
+def after_first(t: Any, xp: Any) -> Any:
+    """0 on the first step (t == 1), 1 after: lets a rule special-case step one under jit."""
+    if _xp.is_python_scalar(t):
+        return 0.0 if t == 1 else 1.0
+    return xp.astype(t > 1, t.dtype)

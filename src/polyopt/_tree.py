@@ -1,0 +1,138 @@
+"""Flatten and rebuild the structures params and grads come in.
+
+A *tree* is one array, or a list / tuple / dict whose entries are trees. Flattening
+gives the arrays (leaves) in a fixed order and a ``Structure`` that rebuilds a tree of
+the same shape from new leaves. Dicts keep their insertion order; two dicts match when
+they have the same keys, whatever the order.
+
+Parameter groups (torch's convention) are a list of dicts with a ``"params"`` entry;
+``split_groups`` separates them into per-group trees and hyperparameter overrides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Structure:
+    """How to rebuild a tree: ``kind`` is 'leaf', 'list', 'tuple' or 'dict'."""
+
+    kind: str
+    children: tuple = ()
+    keys: tuple = ()
+
+    @property
+    def num_leaves(self) -> int:
+        if self.kind == "leaf":
+            return 1
+        return sum(c.num_leaves for c in self.children)
+
+    def describe(self) -> str:
+        if self.kind == "leaf":
+            return "array"
+        if self.kind == "dict":
+            return f"dict with keys {sorted(map(str, self.keys))}"
+        return f"{self.kind} of length {len(self.children)}"
+
+
+def flatten(tree: Any, is_leaf=None) -> tuple[list, Structure]:
+    leaves: list = []
+    structure = _flatten(tree, leaves)
+    return leaves, structure
+
+
+def _flatten(tree: Any, leaves: list) -> Structure:
+    if isinstance(tree, dict):
+        keys = tuple(tree)
+        return Structure("dict", tuple(_flatten(tree[k], leaves) for k in keys), keys)
+    if isinstance(tree, (list, tuple)):
+        kind = "tuple" if isinstance(tree, tuple) else "list"
+        return Structure(kind, tuple(_flatten(t, leaves) for t in tree))
+    leaves.append(tree)
+    return Structure("leaf")
+
+
+def unflatten(structure: Structure, leaves) -> Any:
+    it = iter(leaves)
+    return _unflatten(structure, it)
+
+
+def _unflatten(s: Structure, it) -> Any:
+    if s.kind == "leaf":
+        return next(it)
+    children = [_unflatten(c, it) for c in s.children]
+    if s.kind == "dict":
+        return dict(zip(s.keys, children))
+    return tuple(children) if s.kind == "tuple" else children
+
+
+def flatten_like(tree: Any, structure: Structure, what: str, ref: str = "params") -> list:
+    """Flatten ``tree`` and check that it has ``structure``; ValueError names the path."""
+    leaves: list = []
+    _match(tree, structure, what, ref, leaves)
+    return leaves
+
+
+def _match(tree: Any, s: Structure, path: str, ref: str, leaves: list) -> None:
+    if s.kind == "leaf":
+        if isinstance(tree, (dict, list, tuple)):
+            raise ValueError(
+                f"{path} does not match the structure of {ref}: expected an array, "
+                f"got {type(tree).__name__}"
+            )
+        leaves.append(tree)
+        return
+    if s.kind == "dict":
+        if not isinstance(tree, dict) or set(tree) != set(s.keys):
+            got = (
+                f"dict with keys {sorted(map(str, tree))}"
+                if isinstance(tree, dict)
+                else type(tree).__name__
+            )
+            raise ValueError(
+                f"{path} does not match the structure of {ref}: expected {s.describe()}, got {got}"
+            )
+        for k, child in zip(s.keys, s.children):
+            _match(tree[k], child, f"{path}[{k!r}]", ref, leaves)
+        return
+    if not isinstance(tree, (list, tuple)) or len(tree) != len(s.children):
+        got = (
+            f"{type(tree).__name__} of length {len(tree)}"
+            if isinstance(tree, (list, tuple))
+            else type(tree).__name__
+        )
+        raise ValueError(
+            f"{path} does not match the structure of {ref}: expected {s.describe()}, got {got}"
+        )
+    for i, (t, child) in enumerate(zip(tree, s.children)):
+        _match(t, child, f"{path}[{i}]", ref, leaves)
+
+
+def is_groups(params: Any) -> bool:
+    """True for torch-style parameter groups: a non-empty list of dicts with 'params'."""
+    return (
+        isinstance(params, (list, tuple))
+        and len(params) > 0
+        and all(isinstance(g, dict) and "params" in g for g in params)
+    )
+
+
+def split_groups(params: Any) -> tuple[list, list[dict]]:
+    """``(trees, overrides)``: one params tree and one hyperparameter dict per group.
+
+    A plain tree (no groups) is one group with no overrides.
+    """
+    if is_groups(params):
+        trees = [g["params"] for g in params]
+        overrides = [{k: v for k, v in g.items() if k != "params"} for g in params]
+        return trees, overrides
+    return [params], [{}]
+
+
+def join_groups(params: Any, new_trees: list) -> Any:
+    """Put new per-group trees back in the form ``params`` came in."""
+    if is_groups(params):
+        return type(params)({**g, "params": t} for g, t in zip(params, new_trees))
+    return new_trees[0]

@@ -1,0 +1,133 @@
+"""Exponential moving average of parameters ("Polyak averaging", EMA of weights).
+
+``avg ← decay · avg + (1 - decay) · params`` after each optimizer step; the average
+starts as a copy of the params. This is torch's ``AveragedModel`` with
+``get_ema_multi_avg_fn(decay)`` and optax's ``ema(decay, debias=False)`` applied to
+params.
+
+>>> import numpy as np, polyopt
+>>> w = np.array([0.0])
+>>> ema = polyopt.EMA(w, decay=0.5)
+>>> w[...] = 4.0; ema.update(w)
+>>> ema.averaged            # 0.5 · 0 + 0.5 · 4
+array([2.])
+>>> _ = ema.copy_to(w); w   # load the average into the model's arrays
+array([2.])
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from . import _tree, _validate, _xp
+
+
+class EMAState(NamedTuple):
+    """``count``: updates so far; ``averaged``: the averaged params (same structure)."""
+
+    count: Any
+    averaged: Any
+
+
+def _check_decay(decay: Any) -> float:
+    _validate.in_range("decay", decay, 0.0, 1.0, closed=True)
+    return float(decay)
+
+
+class ema:
+    """Functional EMA: ``state = ema(decay).init(params)``; ``state = e.update(params, state)``."""
+
+    def __init__(self, decay: float = 0.999):
+        self.decay = _check_decay(decay)
+
+    def init(self, params: Any) -> EMAState:
+        leaves, structure = _tree.flatten(params)
+        if not leaves:
+            raise ValueError("params must contain at least one array, got an empty structure")
+        xp = _xp.namespace(leaves, "params")
+        avg = [_xp.copy(xp, p) for p in leaves]
+        count = xp.asarray(0, dtype=xp.int32) if _xp.is_jax(xp) else 0
+        return EMAState(count, _tree.unflatten(structure, avg))
+
+    def update(self, params: Any, state: EMAState) -> EMAState:
+        avg_leaves, structure = _tree.flatten(state.averaged)
+        leaves = _tree.flatten_like(params, structure, "params", "the averaged params")
+        xp = _xp.namespace(leaves + avg_leaves, "params and averaged params")
+        for i, (p, a) in enumerate(zip(leaves, avg_leaves)):
+            if tuple(p.shape) != tuple(a.shape) or p.dtype != a.dtype:
+                raise ValueError(
+                    f"params leaf {i} has shape {tuple(p.shape)} and dtype {p.dtype}, "
+                    f"expected {tuple(a.shape)} and {a.dtype} as when the EMA began"
+                )
+        d = self.decay
+        with _xp.no_grad(xp):
+            new = []
+            for p, a in zip(leaves, avg_leaves):
+                cdt = _xp.compute_dtype(xp, p.dtype)
+                a_c, p_c = xp.astype(a, cdt), xp.astype(p, cdt)
+                new.append(_xp.as_array(xp, xp.astype(d * a_c + (1 - d) * p_c, p.dtype)))
+        return EMAState(state.count + 1, _tree.unflatten(structure, new))
+
+
+class EMA:
+    """Stateful EMA of a params structure (NumPy, CuPy, torch, JAX arrays alike).
+
+    ``update(params)`` after each optimizer step; :attr:`averaged` holds the average in
+    the params' structure; :meth:`copy_to` writes it into the model's arrays (in place,
+    or returns the new arrays for JAX).
+    """
+
+    def __init__(self, params: Any, decay: float = 0.999):
+        self._ema = ema(decay)
+        self._state = self._ema.init(params)
+        self._state = self._state._replace(count=0)
+
+    @property
+    def decay(self) -> float:
+        return self._ema.decay
+
+    @property
+    def averaged(self) -> Any:
+        return self._state.averaged
+
+    @property
+    def count(self) -> int:
+        return int(self._state.count)
+
+    def update(self, params: Any) -> None:
+        self._state = self._ema.update(params, self._state)
+
+    def copy_to(self, params: Any) -> Any:
+        """Write the average into ``params`` (in place where the library allows) and
+        return the params (the new arrays for JAX)."""
+        avg_leaves, structure = _tree.flatten(self._state.averaged)
+        leaves = _tree.flatten_like(params, structure, "params", "the averaged params")
+        xp = _xp.namespace(leaves, "params")
+        if not _xp.writable(xp):
+            return _tree.unflatten(structure, list(avg_leaves))
+        with _xp.no_grad(xp):
+            for dst, src in zip(leaves, avg_leaves):
+                _xp.write_into(xp, dst, src)
+        return params
+
+    def state_dict(self) -> dict:
+        leaves, _ = _tree.flatten(self._state.averaged)
+        xp = _xp.namespace(leaves, "averaged")
+        return {"decay": self.decay, "count": self.count,
+                "averaged": [_xp.copy(xp, a) for a in leaves]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        leaves, structure = _tree.flatten(self._state.averaged)
+        saved = sd["averaged"]
+        if len(saved) != len(leaves):
+            raise ValueError(f"state_dict['averaged'] has {len(saved)} arrays, expected {len(leaves)}")
+        for i, (a, b) in enumerate(zip(saved, leaves)):
+            if tuple(a.shape) != tuple(b.shape):
+                raise ValueError(
+                    f"state_dict['averaged'][{i}] has shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+                )
+        xp = _xp.namespace(leaves, "averaged")
+        decay = _check_decay(sd["decay"])
+        new = [_xp.copy(xp, xp.asarray(a, dtype=b.dtype)) for a, b in zip(saved, leaves)]
+        self._ema = ema(decay)
+        self._state = EMAState(int(sd["count"]), _tree.unflatten(structure, new))

@@ -1,0 +1,76 @@
+"""Adadelta (Zeiler, 2012)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _validate as v
+from .._base import Optimizer, Rule
+from ._common import make, on
+
+DEFAULTS = dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False)
+
+
+def _check(hp: dict) -> None:
+    v.at_least("lr", hp["lr"], 0.0)
+    v.in_range("rho", hp["rho"], 0.0, 1.0, closed=True)
+    v.at_least("eps", hp["eps"], 0.0, schedulable=False)
+    v.at_least("weight_decay", hp["weight_decay"], 0.0)
+    v.flag("maximize", hp["maximize"])
+
+
+def _slots(hp: dict) -> tuple[str, ...]:
+    return ("square_avg", "acc_delta")
+
+
+def _step(p, g, s, hp, t, xp):
+    lr, wd, rho, eps = hp["lr"], hp["weight_decay"], hp["rho"], hp["eps"]
+    if hp["maximize"]:
+        g = -g
+    if on(wd):
+        g = g + wd * p
+    sq = rho * s["square_avg"] + (1 - rho) * (g * g)
+    delta = xp.sqrt(s["acc_delta"] + eps) / xp.sqrt(sq + eps) * g
+    acc = rho * s["acc_delta"] + (1 - rho) * (delta * delta)
+    return p - lr * delta, {"square_avg": sq, "acc_delta": acc}
+
+
+ADADELTA = Rule("adadelta", DEFAULTS, _check, _slots, _step)
+
+
+def adadelta(
+    lr: float | Any = 1.0,
+    rho: float = 0.9,
+    eps: float = 1e-6,
+    weight_decay: float | Any = 0.0,
+    *,
+    maximize: bool = False,
+    impl: str = "auto",
+) -> Optimizer:
+    r"""Adadelta, as ``torch.optim.Adadelta``::
+
+        g_t  = g_t + λ p_{t-1}                               (skipped if λ = 0)
+        v_t  = ρ v_{t-1} + (1 - ρ) g_t²
+        Δ_t  = sqrt(u_{t-1} + ε) / sqrt(v_t + ε) · g_t
+        u_t  = ρ u_{t-1} + (1 - ρ) Δ_t²
+        p_t  = p_{t-1} - γ_t Δ_t
+
+    The paper has no learning rate (γ = 1, torch's default). optax's ``adadelta`` and
+    Keras (ρ = 0.95, ε = 1e-7, learning_rate = 0.001) use the same update with other
+    defaults.
+
+    State per array: ``square_avg`` (v), ``acc_delta`` (u).
+
+    Example:
+
+    >>> import numpy as np, polyopt
+    >>> opt = polyopt.adadelta(rho=0.0, eps=1.0)
+    >>> params = np.array([1.0])
+    >>> state = opt.init(params)
+    >>> params, state = opt.update(params, np.array([0.0]), state)
+    >>> params   # zero gradient, zero step
+    array([1.])
+
+    Paper: https://arxiv.org/abs/1212.5701
+    """
+    return make(ADADELTA, locals())

@@ -1,0 +1,89 @@
+"""Adagrad (Duchi, Hazan & Singer, 2011)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _validate as v
+from .._base import Optimizer, Rule
+from ._common import make, on
+
+DEFAULTS = dict(
+    lr=1e-2,
+    lr_decay=0.0,
+    weight_decay=0.0,
+    initial_accumulator_value=0.0,
+    eps=1e-10,
+    maximize=False,
+)
+
+
+def _check(hp: dict) -> None:
+    v.at_least("lr", hp["lr"], 0.0)
+    v.at_least("lr_decay", hp["lr_decay"], 0.0, schedulable=False)
+    v.at_least("weight_decay", hp["weight_decay"], 0.0)
+    v.at_least("initial_accumulator_value", hp["initial_accumulator_value"], 0.0, schedulable=False)
+    v.at_least("eps", hp["eps"], 0.0, schedulable=False)
+    v.flag("maximize", hp["maximize"])
+
+
+def _slots(hp: dict) -> tuple[str, ...]:
+    return ("sum",)
+
+
+def _init(p, hp, xp):
+    return {"sum": xp.full_like(p, hp["initial_accumulator_value"])}
+
+
+def _step(p, g, s, hp, t, xp):
+    lr, wd = hp["lr"], hp["weight_decay"]
+    if hp["maximize"]:
+        g = -g
+    if on(wd):
+        g = g + wd * p
+    clr = lr / (1 + (t - 1) * hp["lr_decay"])
+    acc = s["sum"] + g * g
+    return p - clr * (g / (xp.sqrt(acc) + hp["eps"])), {"sum": acc}
+
+
+ADAGRAD = Rule("adagrad", DEFAULTS, _check, _slots, _step, init=_init)
+
+
+def adagrad(
+    lr: float | Any = 1e-2,
+    lr_decay: float = 0.0,
+    weight_decay: float | Any = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+    *,
+    maximize: bool = False,
+    impl: str = "auto",
+) -> Optimizer:
+    r"""Adagrad, as ``torch.optim.Adagrad``::
+
+        g_t  = g_t + λ p_{t-1}                          (skipped if λ = 0)
+        γ̃_t  = γ_t / (1 + (t - 1) · lr_decay)
+        s_t  = s_{t-1} + g_t²                           (s_0 = initial_accumulator_value)
+        p_t  = p_{t-1} - γ̃_t · g_t / (sqrt(s_t) + ε)
+
+    Conventions elsewhere: optax's ``adagrad`` starts the accumulator at 0.1 and puts
+    ε *inside* the square root (``g / sqrt(s + ε)``, ε = 1e-7); Keras also starts at 0.1
+    and adds ε = 1e-7 outside. To match their start use
+    ``initial_accumulator_value=0.1``; ε inside the root differs by at most ε/(2 sqrt(s))
+    relative and is not reproduced exactly.
+
+    State per array: ``sum``.
+
+    Example:
+
+    >>> import numpy as np, polyopt
+    >>> opt = polyopt.adagrad(lr=0.5)
+    >>> params = np.array([1.0])
+    >>> state = opt.init(params)
+    >>> params, state = opt.update(params, np.array([2.0]), state)
+    >>> np.round(params, 6)   # 1 - 0.5 · 2 / sqrt(4)
+    array([0.5])
+
+    Paper: https://jmlr.org/papers/v12/duchi11a.html
+    """
+    return make(ADAGRAD, locals())

@@ -1,0 +1,151 @@
+"""Adam, AdamW and AMSGrad: one rule; AdamW is Adam with decoupled weight decay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _validate as v
+from .._base import Optimizer, Rule, scalar_sqrt
+from ._common import make, on
+
+DEFAULTS = dict(
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    amsgrad=False,
+    maximize=False,
+    decoupled_weight_decay=False,
+)
+
+
+def _check(hp: dict) -> None:
+    v.at_least("lr", hp["lr"], 0.0)
+    v.betas(hp["betas"])
+    v.at_least("eps", hp["eps"], 0.0, schedulable=False)
+    v.at_least("weight_decay", hp["weight_decay"], 0.0)
+    v.flag("amsgrad", hp["amsgrad"])
+    v.flag("maximize", hp["maximize"])
+    v.flag("decoupled_weight_decay", hp["decoupled_weight_decay"])
+
+
+def _slots(hp: dict) -> tuple[str, ...]:
+    return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if hp["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+
+def _step(p, g, s, hp, t, xp):
+    lr, wd, eps = hp["lr"], hp["weight_decay"], hp["eps"]
+    b1, b2 = hp["betas"]
+    if hp["maximize"]:
+        g = -g
+    if on(wd):
+        if hp["decoupled_weight_decay"]:
+            p = p * (1 - lr * wd)
+        else:
+            g = g + wd * p
+    m = b1 * s["exp_avg"] + (1 - b1) * g
+    v2 = b2 * s["exp_avg_sq"] + (1 - b2) * (g * g)
+    out = {"exp_avg": m, "exp_avg_sq": v2}
+    if hp["amsgrad"]:
+        v2 = xp.maximum(s["max_exp_avg_sq"], v2)
+        out["max_exp_avg_sq"] = v2
+    bias1 = 1 - b1**t
+    bias2_sqrt = scalar_sqrt(1 - b2**t, xp)
+    denom = xp.sqrt(v2) / bias2_sqrt + eps
+    return p - (lr / bias1) * (m / denom), out
+
+
+ADAM = Rule("adam", DEFAULTS, _check, _slots, _step)
+ADAMW = Rule("adamw", {**DEFAULTS, "weight_decay": 1e-2, "decoupled_weight_decay": True}, _check, _slots, _step)
+
+
+def adam(
+    lr: float | Any = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float | Any = 0.0,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    impl: str = "auto",
+) -> Optimizer:
+    r"""Adam (Kingma & Ba, 2015), with coupled L2 weight decay and optional AMSGrad.
+
+    With :math:`g_t` the gradient (negated if ``maximize``), :math:`\gamma_t` the learning
+    rate (``lr``, or ``lr(k)`` for a schedule) and :math:`\lambda` = ``weight_decay``::
+
+        g_t  = g_t + λ p_{t-1}                      (coupled L2; skipped if λ = 0)
+        m_t  = β1 m_{t-1} + (1 - β1) g_t
+        v_t  = β2 v_{t-1} + (1 - β2) g_t²
+        v̂_t  = max(v̂_{t-1}, v_t) if amsgrad else v_t
+        p_t  = p_{t-1} - γ_t / (1 - β1^t) · m_t / (sqrt(v̂_t) / sqrt(1 - β2^t) + ε)
+
+    This is ``torch.optim.Adam`` exactly (defaults included). With
+    ``decoupled_weight_decay=True`` the decay is applied as in :func:`adamw` instead.
+
+    Conventions elsewhere: optax's ``adam`` puts ε outside the bias-corrected square
+    root the same way (``eps_root=0``) and has no coupled decay (chain
+    ``optax.add_decayed_weights`` *before* ``scale_by_adam`` to get it). Keras adds
+    ``epsilon`` to the *uncorrected* ``sqrt(v_t)`` with default 1e-7; to reproduce Keras
+    use ``eps=keras_eps / sqrt(1 - β2^t)``, which is step-dependent, so the two agree
+    only approximately after the first steps.
+
+    State per array: ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad).
+
+    Example:
+
+    >>> import numpy as np, polyopt
+    >>> opt = polyopt.adam(lr=0.1)
+    >>> params = np.array([1.0, -2.0])
+    >>> state = opt.init(params)
+    >>> params, state = opt.update(params, np.array([0.5, -0.25]), state)
+    >>> np.round(params, 6)   # the first Adam step moves each entry by about lr
+    array([ 0.9, -1.9])
+
+    Paper: https://arxiv.org/abs/1412.6980 ; AMSGrad: https://openreview.net/forum?id=ryQu7f-RZ
+    """
+    return make(ADAM, locals())
+
+
+def adamw(
+    lr: float | Any = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float | Any = 1e-2,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = True,
+    impl: str = "auto",
+) -> Optimizer:
+    r"""AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay.
+
+    The weight is decayed before the Adam step, by the current learning rate::
+
+        p_{t-1} ← p_{t-1} · (1 - γ_t λ)
+        (then the Adam update of :func:`adam`, with no λ added to the gradient)
+
+    With a schedule ``lr = polyopt.schedules.cosine(α, T)``, γ_t = α·η_t, so the decay
+    follows the schedule multiplier η_t as the paper requires. This equals
+    ``torch.optim.AdamW`` and ``optax.adamw`` (both scale the decay by the learning rate),
+    and Keras's ``AdamW``. The paper writes the decay as ``η_t λ' p`` with λ' not
+    multiplied by α: to use a paper value λ', pass ``weight_decay = λ' / α``.
+    :func:`polyopt.schedules.normalized_weight_decay` gives the paper's normalized λ.
+
+    ``weight_decay=0`` gives exactly :func:`adam`. Default ``weight_decay`` is torch's
+    1e-2 (optax's is 1e-4).
+
+    Example:
+
+    >>> import numpy as np, polyopt
+    >>> opt = polyopt.adamw(lr=0.1, weight_decay=0.5)
+    >>> params = {"w": np.array([2.0])}
+    >>> state = opt.init(params)
+    >>> params, state = opt.update(params, {"w": np.array([0.0])}, state)
+    >>> params["w"]   # zero gradient: only the decay acts, 2 · (1 - 0.1 · 0.5)
+    array([1.9])
+
+    Paper: https://arxiv.org/abs/1711.05101
+    """
+    return make(ADAMW, locals())

@@ -1,0 +1,105 @@
+"""SGD with momentum, Nesterov momentum, coupled L2 or decoupled (SGDW) weight decay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _validate as v
+from .._base import Optimizer, Rule, after_first
+from ._common import make, on
+
+DEFAULTS = dict(
+    lr=1e-3,
+    momentum=0.0,
+    dampening=0.0,
+    weight_decay=0.0,
+    nesterov=False,
+    maximize=False,
+    decoupled_weight_decay=False,
+)
+
+
+def _check(hp: dict) -> None:
+    v.at_least("lr", hp["lr"], 0.0)
+    v.at_least("momentum", hp["momentum"], 0.0, schedulable=False)
+    v.at_least("dampening", hp["dampening"], 0.0, schedulable=False)
+    v.at_least("weight_decay", hp["weight_decay"], 0.0)
+    v.flag("nesterov", hp["nesterov"])
+    v.flag("maximize", hp["maximize"])
+    v.flag("decoupled_weight_decay", hp["decoupled_weight_decay"])
+    if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
+        raise ValueError(
+            "nesterov needs momentum > 0 and dampening = 0, "
+            f"got momentum={hp['momentum']!r}, dampening={hp['dampening']!r}"
+        )
+
+
+def _slots(hp: dict) -> tuple[str, ...]:
+    return ("momentum_buffer",) if hp["momentum"] != 0 else ()
+
+
+def _step(p, g, s, hp, t, xp):
+    lr, wd, mu = hp["lr"], hp["weight_decay"], hp["momentum"]
+    if hp["maximize"]:
+        g = -g
+    if on(wd):
+        if hp["decoupled_weight_decay"]:
+            p = p * (1 - lr * wd)
+        else:
+            g = g + wd * p
+    out = {}
+    if mu != 0:
+        # torch starts the buffer at g (no dampening on step one); the buffer starts at
+        # zero here, so step one uses coefficient 1 instead of (1 - dampening).
+        buf = mu * s["momentum_buffer"] + (1 - hp["dampening"] * after_first(t, xp)) * g
+        out["momentum_buffer"] = buf
+        g = g + mu * buf if hp["nesterov"] else buf
+    return p - lr * g, out
+
+
+SGD_RULE = Rule("sgd", DEFAULTS, _check, _slots, _step)
+
+
+def sgd(
+    lr: float | Any = 1e-3,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float | Any = 0.0,
+    nesterov: bool = False,
+    *,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    impl: str = "auto",
+) -> Optimizer:
+    r"""Stochastic gradient descent with (Nesterov) momentum, as ``torch.optim.SGD``.
+
+    With γ_t the learning rate, μ = ``momentum``, τ = ``dampening``, λ = ``weight_decay``::
+
+        g_t = g_t + λ p_{t-1}                      (coupled L2; skipped if λ = 0)
+        b_t = μ b_{t-1} + (1 - τ) g_t              (b_1 = g_1; only if μ ≠ 0)
+        d_t = g_t + μ b_t if nesterov else b_t     (d_t = g_t if μ = 0)
+        p_t = p_{t-1} - γ_t d_t
+
+    ``decoupled_weight_decay=True`` is SGDW from the AdamW paper: instead of adding
+    λp to the gradient (where momentum then carries it), the weight is decayed directly,
+    ``p ← p (1 - γ_t λ)``, before the step. With momentum the two differ: L2 decay is
+    accumulated in the buffer and amplified by up to 1/(1 - μ); SGDW's is not.
+
+    Conventions elsewhere: Keras puts the learning rate inside the velocity
+    (``v ← μ v - γ g; p ← p + v``); with a constant lr this is the same trajectory, with a
+    changing lr it is not. optax's ``sgd`` (``trace``) has no dampening and starts the
+    buffer at zero, which with τ = 0 is the same as torch.
+
+    State per array: ``momentum_buffer`` (only if momentum ≠ 0).
+
+    Example:
+
+    >>> import numpy as np, polyopt
+    >>> opt = polyopt.sgd(lr=0.1, momentum=0.9)
+    >>> params = {"w": np.array([1.0, -2.0])}
+    >>> state = opt.init(params)
+    >>> params, state = opt.update(params, {"w": np.array([0.5, 0.5])}, state)
+    >>> params["w"]
+    array([ 0.95, -2.05])
+    """
+    return make(SGD_RULE, locals())
