@@ -137,7 +137,8 @@ class Optimizer:
         xp = self._check_arrays(leaves, "params")
         slots = []
         with _xp.no_grad(xp):
-            for hp, (lv, _) in zip(groups, flat):
+            for gi, (hp, (lv, _)) in enumerate(zip(groups, flat)):
+                _check_eps(xp, hp, lv, _group_label(gi, len(groups)))
                 hp0 = _at_step(hp, 0, self.rule.schedulable)
                 slots.extend(self.rule.init_slots(p, hp0, xp) for p in lv)
         step = xp.asarray(0, dtype=xp.int32) if _xp.is_jax(xp) else 0
@@ -160,6 +161,8 @@ class Optimizer:
                     f"expected shape {tuple(p.shape)} and dtype {p.dtype} as in params"
                 )
         self._check_state(state, groups, flat)
+        for gi, (hp, (lv, _)) in enumerate(zip(groups, flat)):
+            _check_eps(xp, hp, lv, _group_label(gi, len(groups)))
 
         k = state.step
         new_leaves, new_slots = [], []
@@ -225,14 +228,35 @@ class Optimizer:
         i = 0
         for hp, (lv, _) in zip(groups, flat):
             names = set(self.rule.slots(hp))
-            for _ in lv:
-                if set(state.slots[i]) != names:
+            for p in lv:
+                slots = state.slots[i]
+                if set(slots) != names:
                     raise ValueError(
-                        f"state for params leaf {i} holds {sorted(state.slots[i])}, the "
+                        f"state for params leaf {i} holds {sorted(slots)}, the "
                         f"hyperparameters need {sorted(names)} (was amsgrad/momentum/centered "
                         "changed after init?)"
                     )
+                for name, a in slots.items():
+                    if tuple(a.shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"state for params leaf {i} has {name!r} of shape {tuple(a.shape)}, "
+                            f"expected {tuple(p.shape)}; was it made by init() on these params?"
+                        )
                 i += 1
+
+
+def _check_eps(xp: Any, hp: dict, leaves: list, where: str) -> None:
+    """eps that flushes to zero in the compute dtype would silently divide by zero."""
+    eps = hp.get("eps")
+    if not eps:
+        return
+    for dt in {_xp.compute_dtype(xp, p.dtype) for p in leaves}:
+        tiny = float(xp.finfo(dt).smallest_normal)
+        if eps < tiny:
+            raise ValueError(
+                f"eps={eps!r} underflows in {dt} (smallest normal number {tiny:.3g}){where}; "
+                "use a larger eps or higher-precision params"
+            )
 
 
 def _at_step(hp: dict, k: Any, schedulable: tuple) -> dict:
@@ -314,7 +338,7 @@ class StatefulOptimizer:
                 old["params"] = new["params"]
         self._state = new_state
 
-    def _grads_from_attribute(self) -> list:
+    def _grads_from_attribute(self) -> list[dict]:
         out = []
         for gi, g in enumerate(self.param_groups):
             leaves, structure = _tree.flatten(g["params"])
@@ -327,8 +351,8 @@ class StatefulOptimizer:
                         "pass grads explicitly (only torch tensors carry .grad)"
                     )
                 grads.append(grad)
-            out.append(_tree.unflatten(structure, grads))
-        return out
+            out.append({"params": _tree.unflatten(structure, grads)})
+        return out  # in group form, so it also serves a single group
 
     # -- checkpoints --------------------------------------------------------------------
 

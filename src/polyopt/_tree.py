@@ -2,8 +2,10 @@
 
 A *tree* is one array, or a list / tuple / dict whose entries are trees. Flattening
 gives the arrays (leaves) in a fixed order and a ``Structure`` that rebuilds a tree of
-the same shape from new leaves. Dicts keep their insertion order; two dicts match when
-they have the same keys, whatever the order.
+the same shape from new leaves. Dict entries are visited in sorted-key order, as JAX
+does (``jax.jit`` hands dicts back with sorted keys: the order of the leaves, and so of
+the optimizer state, must not depend on insertion order); rebuilt dicts keep the
+insertion order they came in. Two dicts match when they have the same keys.
 
 Parameter groups (torch's convention) are a list of dicts with a ``"params"`` entry;
 ``split_groups`` separates them into per-group trees and hyperparameter overrides.
@@ -21,7 +23,8 @@ class Structure:
 
     kind: str
     children: tuple = ()
-    keys: tuple = ()
+    keys: tuple = ()  # dict keys in visiting (sorted) order
+    order: tuple = ()  # dict keys in the order the dict had
 
     @property
     def num_leaves(self) -> int:
@@ -37,7 +40,7 @@ class Structure:
         return f"{self.kind} of length {len(self.children)}"
 
 
-def flatten(tree: Any, is_leaf=None) -> tuple[list, Structure]:
+def flatten(tree: Any) -> tuple[list, Structure]:
     leaves: list = []
     structure = _flatten(tree, leaves)
     return leaves, structure
@@ -45,13 +48,20 @@ def flatten(tree: Any, is_leaf=None) -> tuple[list, Structure]:
 
 def _flatten(tree: Any, leaves: list) -> Structure:
     if isinstance(tree, dict):
-        keys = tuple(tree)
-        return Structure("dict", tuple(_flatten(tree[k], leaves) for k in keys), keys)
+        keys = _sorted_keys(tree)
+        return Structure("dict", tuple(_flatten(tree[k], leaves) for k in keys), keys, tuple(tree))
     if isinstance(tree, (list, tuple)):
         kind = "tuple" if isinstance(tree, tuple) else "list"
         return Structure(kind, tuple(_flatten(t, leaves) for t in tree))
     leaves.append(tree)
     return Structure("leaf")
+
+
+def _sorted_keys(d: dict) -> tuple:
+    try:
+        return tuple(sorted(d))
+    except TypeError:  # keys of mixed types cannot be sorted: insertion order
+        return tuple(d)
 
 
 def unflatten(structure: Structure, leaves) -> Any:
@@ -64,7 +74,8 @@ def _unflatten(s: Structure, it) -> Any:
         return next(it)
     children = [_unflatten(c, it) for c in s.children]
     if s.kind == "dict":
-        return dict(zip(s.keys, children))
+        by_key = dict(zip(s.keys, children))
+        return {k: by_key[k] for k in s.order}
     return tuple(children) if s.kind == "tuple" else children
 
 

@@ -20,7 +20,7 @@ def number(name: str, value: Any) -> float | None:
 def at_least(name: str, value: Any, low: float, schedulable: bool = True) -> None:
     v = _scalar(name, value, schedulable)
     if v is not None and not v >= low:  # also rejects NaN
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+        raise ValueError(f"{name} must be >= {low:g}, got {value!r}")
 
 
 def in_range(name: str, value: Any, low: float, high: float, *, closed: bool) -> None:
@@ -28,7 +28,7 @@ def in_range(name: str, value: Any, low: float, high: float, *, closed: bool) ->
     ok = low <= v <= high if closed else low <= v < high
     if not ok:
         bracket = "]" if closed else ")"
-        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}{bracket}, got {value!r}")
 
 
 def flag(name: str, value: Any) -> None:
