@@ -65,8 +65,8 @@ class OptState(NamedTuple):
     slots: tuple
 
 
-def _group_label(i: int, n: int) -> str:
-    return f" (param group {i})" if n > 1 else ""
+def _group_label(i: int, grouped: bool) -> str:
+    return f" (param group {i})" if grouped else ""
 
 
 class Optimizer:
@@ -104,16 +104,14 @@ class Optimizer:
         except (ValueError, TypeError) as e:
             raise type(e)(f"{e}{where}") from None
 
-    def _groups(self, params: Any, what: str = "params") -> tuple[list, list[dict], list]:
-        """Split ``params`` into per-group trees, checked hyperparameters and leaves."""
-        trees, overrides = _tree.split_groups(params)
+    def _resolve(self, overrides: list[dict], grouped: bool) -> list[dict]:
+        """Each group's hyperparameters (defaults merged with its overrides), checked."""
         groups = []
         for i, o in enumerate(overrides):
             hp = {**self.hyperparams, **o}
-            self._check(hp, _group_label(i, len(overrides)))
+            self._check(hp, _group_label(i, grouped))
             groups.append(hp)
-        leaves_per_group = [_tree.flatten(t) for t in trees]
-        return trees, groups, leaves_per_group
+        return groups
 
     @staticmethod
     def _check_arrays(leaves: list, what: str) -> Any:
@@ -132,13 +130,18 @@ class Optimizer:
 
     def init(self, params: Any) -> OptState:
         """Initial state for ``params`` (one array, a list/tuple, a dict, or groups)."""
-        _, groups, flat = self._groups(params)
+        trees, overrides = _tree.split_groups(params)
+        return self._init(trees, overrides, _tree.is_groups(params))
+
+    def _init(self, trees: list, overrides: list[dict], grouped: bool) -> OptState:
+        groups = self._resolve(overrides, grouped)
+        flat = [_tree.flatten(t) for t in trees]
         leaves = [leaf for lv, _ in flat for leaf in lv]
         xp = self._check_arrays(leaves, "params")
         slots = []
         with _xp.no_grad(xp):
             for gi, (hp, (lv, _)) in enumerate(zip(groups, flat)):
-                _check_eps(xp, hp, lv, _group_label(gi, len(groups)))
+                _check_eps(xp, hp, lv, _group_label(gi, grouped))
                 hp0 = _at_step(hp, 0, self.rule.schedulable)
                 slots.extend(self.rule.init_slots(p, hp0, xp) for p in lv)
         step = xp.asarray(0, dtype=xp.int32) if _xp.is_jax(xp) else 0
@@ -150,9 +153,18 @@ class Optimizer:
         ``grads`` has the structure of ``params``; with parameter groups, it may be the
         list of per-group trees (or the group dicts themselves).
         """
-        trees, groups, flat = self._groups(params)
+        trees, overrides = _tree.split_groups(params)
+        new_trees, new_state = self._apply(trees, overrides, _tree.is_groups(params), grads, state)
+        return _tree.join_groups(params, new_trees), new_state
+
+    def _apply(
+        self, trees: list, overrides: list[dict], grouped: bool, grads: Any, state: OptState
+    ) -> tuple[list, OptState]:
+        """``update`` on per-group trees: returns the new trees and state."""
+        groups = self._resolve(overrides, grouped)
+        flat = [_tree.flatten(t) for t in trees]
         leaves = [leaf for lv, _ in flat for leaf in lv]
-        grad_leaves = self._grad_leaves(grads, trees, flat)
+        grad_leaves = self._grad_leaves(grads, grouped, flat)
         xp = self._check_arrays(leaves + grad_leaves, "params and grads")
         for i, (p, g) in enumerate(zip(leaves, grad_leaves)):
             if tuple(g.shape) != tuple(p.shape) or g.dtype != p.dtype:
@@ -162,7 +174,7 @@ class Optimizer:
                 )
         self._check_state(state, groups, flat)
         for gi, (hp, (lv, _)) in enumerate(zip(groups, flat)):
-            _check_eps(xp, hp, lv, _group_label(gi, len(groups)))
+            _check_eps(xp, hp, lv, _group_label(gi, grouped))
 
         k = state.step
         new_leaves, new_slots = [], []
@@ -180,7 +192,7 @@ class Optimizer:
         for lv, structure in flat:
             new_trees.append(_tree.unflatten(structure, new_leaves[start : start + len(lv)]))
             start += len(lv)
-        return _tree.join_groups(params, new_trees), OptState(k + 1, tuple(new_slots))
+        return new_trees, OptState(k + 1, tuple(new_slots))
 
     def _step_one(self, xp, p, g, slots, hp, k):
         cdt = _xp.compute_dtype(xp, p.dtype)
@@ -199,15 +211,23 @@ class Optimizer:
             new_p, new_s = self.rule.step(p, g, dict(slots), hp, t, xp)
         return _xp.as_array(xp, new_p), {n: _xp.as_array(xp, v) for n, v in new_s.items()}
 
-    def _grad_leaves(self, grads: Any, trees: list, flat: list) -> list:
+    def _grad_leaves(self, grads: Any, grouped: bool, flat: list) -> list:
         if grads is None:
             raise ValueError("grads must be given (an array, list, tuple or dict), got None")
-        if len(trees) == 1 and not _tree.is_groups(grads):
+        if not grouped:
             return _tree.flatten_like(grads, flat[0][1], "grads")
+        if len(flat) == 1 and not _tree.is_groups(grads):
+            # one group: grads may be its tree, or a list holding its tree (one deeper,
+            # so the two readings never both match)
+            try:
+                return _tree.flatten_like(grads, flat[0][1], "grads")
+            except ValueError:
+                if not (isinstance(grads, (list, tuple)) and len(grads) == 1):
+                    raise
         grad_trees, _ = _tree.split_groups(grads) if _tree.is_groups(grads) else (grads, None)
-        if not isinstance(grad_trees, (list, tuple)) or len(grad_trees) != len(trees):
+        if not isinstance(grad_trees, (list, tuple)) or len(grad_trees) != len(flat):
             raise ValueError(
-                f"grads must hold one entry per parameter group ({len(trees)}), "
+                f"grads must hold one entry per parameter group ({len(flat)}), "
                 f"got {type(grads).__name__}"
                 + (f" of length {len(grads)}" if isinstance(grads, (list, tuple)) else "")
             )
@@ -237,10 +257,11 @@ class Optimizer:
                         "changed after init?)"
                     )
                 for name, a in slots.items():
-                    if tuple(a.shape) != tuple(p.shape):
+                    if tuple(a.shape) != tuple(p.shape) or a.dtype != p.dtype:
                         raise ValueError(
-                            f"state for params leaf {i} has {name!r} of shape {tuple(a.shape)}, "
-                            f"expected {tuple(p.shape)}; was it made by init() on these params?"
+                            f"state for params leaf {i} has {name!r} of shape {tuple(a.shape)} "
+                            f"and dtype {a.dtype}, expected {tuple(p.shape)} and {p.dtype}; "
+                            "was it made by init() on these params?"
                         )
                 i += 1
 
@@ -295,7 +316,7 @@ class StatefulOptimizer:
         self.param_groups = [
             {**self._opt.hyperparams, **o, "params": t} for t, o in zip(trees, overrides)
         ]
-        state = self._opt.init(self.param_groups)
+        state = self._opt._init(trees, overrides, self._grouped)
         self._state = state._replace(step=0)  # host step count: float64 bias corrections
         leaves = [leaf for g in self.param_groups for leaf in _tree.flatten(g["params"])[0]]
         self._xp = _xp.namespace(leaves, "params")
@@ -324,21 +345,22 @@ class StatefulOptimizer:
         omitted to use each parameter's ``.grad``."""
         if grads is None:
             grads = self._grads_from_attribute()
-        new_groups, new_state = self._opt.update(self.param_groups, grads, self._state)
+        groups = self.param_groups
+        trees = [g["params"] for g in groups]
+        overrides = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+        new_trees, new_state = self._opt._apply(trees, overrides, self._grouped, grads, self._state)
         xp = self._xp
         if _xp.writable(xp):
             with _xp.no_grad(xp):
-                for old, new in zip(self.param_groups, new_groups):
-                    for dst, src in zip(
-                        _tree.flatten(old["params"])[0], _tree.flatten(new["params"])[0]
-                    ):
+                for old, new in zip(trees, new_trees):
+                    for dst, src in zip(_tree.flatten(old)[0], _tree.flatten(new)[0]):
                         _xp.write_into(xp, dst, src)
         else:
-            for old, new in zip(self.param_groups, new_groups):
-                old["params"] = new["params"]
+            for g, new in zip(groups, new_trees):
+                g["params"] = new
         self._state = new_state
 
-    def _grads_from_attribute(self) -> list[dict]:
+    def _grads_from_attribute(self) -> Any:
         out = []
         for gi, g in enumerate(self.param_groups):
             leaves, structure = _tree.flatten(g["params"])
@@ -351,8 +373,8 @@ class StatefulOptimizer:
                         "pass grads explicitly (only torch tensors carry .grad)"
                     )
                 grads.append(grad)
-            out.append({"params": _tree.unflatten(structure, grads)})
-        return out  # in group form, so it also serves a single group
+            out.append(_tree.unflatten(structure, grads))
+        return out if self._grouped else out[0]
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -367,7 +389,10 @@ class StatefulOptimizer:
         for g in self.param_groups:
             n = len(_tree.flatten(g["params"])[0])
             groups.append(
-                {**{k: v for k, v in g.items() if k != "params"}, "params": list(range(start, start + n))}
+                {
+                    **{k: v for k, v in g.items() if k != "params"},
+                    "params": list(range(start, start + n)),
+                }
             )
             start += n
         return {
@@ -383,10 +408,18 @@ class StatefulOptimizer:
         """Restore a :meth:`state_dict` snapshot; everything is checked before anything
         changes, and the arrays are copied in (so the snapshot stays independent)."""
         xp = self._xp
-        if not isinstance(state_dict, Mapping) or set(state_dict) != {"step", "state", "param_groups"}:
+        if not isinstance(state_dict, Mapping) or set(state_dict) != {
+            "step",
+            "state",
+            "param_groups",
+        }:
             raise ValueError(
                 "state_dict must be a dict with keys ['param_groups', 'state', 'step'], got "
-                + (repr(sorted(state_dict)) if isinstance(state_dict, Mapping) else type(state_dict).__name__)
+                + (
+                    repr(sorted(state_dict))
+                    if isinstance(state_dict, Mapping)
+                    else type(state_dict).__name__
+                )
             )
         step = state_dict["step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -406,7 +439,7 @@ class StatefulOptimizer:
                     f"params, this optimizer's group has {len(lv)}"
                 )
             hp = {k: v for k, v in saved.items() if k != "params"}
-            self._opt._check({**self._opt.hyperparams, **hp}, _group_label(gi, len(saved_groups)))
+            self._opt._check({**self._opt.hyperparams, **hp}, _group_label(gi, self._grouped))
             new_groups.append({**mine, **hp})
             leaves.extend((p, self._opt.rule.slots({**self._opt.hyperparams, **hp})) for p in lv)
         saved_state = state_dict["state"]
@@ -429,12 +462,9 @@ class StatefulOptimizer:
                         f"{a.dtype}, expected shape {tuple(p.shape)} and dtype {p.dtype}"
                     )
         dev = _xp.device_of(leaves[0][0])
-        for i, (p, _) in enumerate(leaves):
+        for i in range(len(leaves)):
             slots.append(
-                {
-                    n: _xp.copy(xp, xp.asarray(a, device=dev))
-                    for n, a in saved_state[i].items()
-                }
+                {n: _xp.copy(xp, xp.asarray(a, device=dev)) for n, a in saved_state[i].items()}
             )
         # everything checked and copied: now commit
         for mine, new in zip(self.param_groups, new_groups):

@@ -113,21 +113,30 @@ class EMA:
     def state_dict(self) -> dict:
         leaves, _ = _tree.flatten(self._state.averaged)
         xp = _xp.namespace(leaves, "averaged")
-        return {"decay": self.decay, "count": self.count,
-                "averaged": [_xp.copy(xp, a) for a in leaves]}
+        return {
+            "decay": self.decay,
+            "count": self.count,
+            "averaged": [_xp.copy(xp, a) for a in leaves],
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         leaves, structure = _tree.flatten(self._state.averaged)
         saved = sd["averaged"]
         if len(saved) != len(leaves):
-            raise ValueError(f"state_dict['averaged'] has {len(saved)} arrays, expected {len(leaves)}")
+            raise ValueError(
+                f"state_dict['averaged'] has {len(saved)} arrays, expected {len(leaves)}"
+            )
         for i, (a, b) in enumerate(zip(saved, leaves)):
             if tuple(a.shape) != tuple(b.shape):
                 raise ValueError(
-                    f"state_dict['averaged'][{i}] has shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+                    f"state_dict['averaged'][{i}] has shape {tuple(a.shape)}, "
+                    f"expected {tuple(b.shape)}"
                 )
         xp = _xp.namespace(leaves, "averaged")
         decay = _check_decay(sd["decay"])
+        count = sd["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"state_dict['count'] must be an int >= 0, got {count!r}")
         new = [_xp.copy(xp, xp.asarray(a, dtype=b.dtype)) for a, b in zip(saved, leaves)]
         self._ema = ema(decay)
-        self._state = EMAState(int(sd["count"]), _tree.unflatten(structure, new))
+        self._state = EMAState(count, _tree.unflatten(structure, new))

@@ -207,6 +207,7 @@ class cosine_warm_restarts(Schedule):
         if T_mult == 1:
             T_cur, T_i = kf - T_0 * m.floor(kf / T_0), T_0
         else:
+
             def start(n):  # first step of period n
                 return T_0 * (T_mult**n - 1) / (T_mult - 1)
 
@@ -242,6 +243,8 @@ class linear(Schedule):
 
 def linear_warmup(lr: float, warmup_steps: int, start_factor: float = 0.0) -> linear:
     """Linear warmup from ``lr · start_factor`` to ``lr`` over ``warmup_steps`` steps."""
+    v.at_least("lr", lr, 0.0, schedulable=False)
+    _positive_int("warmup_steps", warmup_steps)
     v.at_least("start_factor", start_factor, 0.0, schedulable=False)
     return linear(lr * start_factor, lr, warmup_steps)
 
@@ -263,9 +266,15 @@ class join(Schedule):
                 f"schedules and boundaries={list(self.boundaries)}"
             )
         if any(not callable(s) for s in self.schedules):
-            raise TypeError(f"schedules must be callables of the step count, got {self.schedules!r}")
+            raise TypeError(
+                f"schedules must be callables of the step count, got {self.schedules!r}"
+            )
         b = list(self.boundaries)
-        if any(isinstance(x, bool) or not isinstance(x, int) for x in b) or b != sorted(b) or (b and b[0] < 0):
+        if (
+            any(isinstance(x, bool) or not isinstance(x, int) for x in b)
+            or b != sorted(b)
+            or (b and b[0] < 0)
+        ):
             raise ValueError(f"boundaries must be increasing ints >= 0, got {b}")
 
     def value(self, k, m):

@@ -30,7 +30,9 @@ def _check(hp: dict) -> None:
 
 
 def _slots(hp: dict) -> tuple[str, ...]:
-    return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if hp["amsgrad"] else ("exp_avg", "exp_avg_sq")
+    return (
+        ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if hp["amsgrad"] else ("exp_avg", "exp_avg_sq")
+    )
 
 
 def _step(p, g, s, hp, t, xp):
@@ -56,7 +58,13 @@ def _step(p, g, s, hp, t, xp):
 
 
 ADAM = Rule("adam", DEFAULTS, _check, _slots, _step)
-ADAMW = Rule("adamw", {**DEFAULTS, "weight_decay": 1e-2, "decoupled_weight_decay": True}, _check, _slots, _step)
+ADAMW = Rule(
+    "adamw",
+    {**DEFAULTS, "weight_decay": 1e-2, "decoupled_weight_decay": True},
+    _check,
+    _slots,
+    _step,
+)
 
 
 def adam(

@@ -1,0 +1,295 @@
+"""An independent NumPy float64 reference for every polyopt optimizer and schedule.
+
+Written from the published algorithms -- the algorithm boxes of the ``torch.optim``
+documentation (https://pytorch.org/docs/stable/optim.html) and the papers -- and NOT
+from polyopt: nothing here imports polyopt. It is deliberately plain and written the
+way the pseudo-code reads (bias-corrected ``m_hat`` / ``v_hat``, an explicit first-step
+branch for the SGD momentum buffer, state created lazily on the first step as torch
+does), so that agreement with polyopt is evidence, not a copy of the same code.
+
+One deliberate reading of the docs: torch's boxes write ``maximize`` for SGD as
+``θ_t = θ_{t-1} + γ g_t`` *after* weight decay is added, but torch's code negates the
+gradient first (``maximize`` means "minimise -f", and decay still shrinks the weights).
+The reference follows the code (test_torch.py checks this against torch itself).
+
+Entry point::
+
+    history = reference_run(name, hyperparams, p0, grads_sequence)
+    params_k, states_k = history[k]          # after step k + 1
+
+``states_k[i]`` is a dict of the slots of array ``i`` named as torch names them
+(``exp_avg``, ``momentum_buffer``, ...). ``lr`` / ``weight_decay`` may be callables of
+the 0-based step index ``k``; :func:`make_schedule` builds them with Python ``math``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+#: torch.optim's defaults (from its documentation); polyopt promises the same.
+#: ``decoupled_weight_decay`` is polyopt's switch for SGDW / AdamW-style decay.
+DEFAULTS = {
+    "sgd": dict(
+        lr=1e-3,
+        momentum=0.0,
+        dampening=0.0,
+        weight_decay=0.0,
+        nesterov=False,
+        maximize=False,
+        decoupled_weight_decay=False,
+    ),
+    "adagrad": dict(
+        lr=1e-2,
+        lr_decay=0.0,
+        weight_decay=0.0,
+        initial_accumulator_value=0.0,
+        eps=1e-10,
+        maximize=False,
+    ),
+    "rmsprop": dict(
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum=0.0,
+        centered=False,
+        maximize=False,
+    ),
+    "adadelta": dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False),
+    "adam": dict(
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        amsgrad=False,
+        maximize=False,
+        decoupled_weight_decay=False,
+    ),
+    "adamw": dict(
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        amsgrad=False,
+        maximize=False,
+        decoupled_weight_decay=True,
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Optimizers: one function per optimizer, one step of one array.
+# Signature: (theta, grad, state, t, lr, weight_decay, hp) -> theta_new; ``state`` is
+# updated in place (it is the reference's own dict), ``t`` is 1-based as in the papers.
+# --------------------------------------------------------------------------------------
+
+
+def sgd(theta, grad, state, t, lr, wd, hp):
+    """torch.optim.SGD's box, plus SGDW (Loshchilov & Hutter, Alg. 1, decay scaled by lr)."""
+    mu, tau = hp["momentum"], hp["dampening"]
+    g = -grad if hp["maximize"] else grad
+    if wd != 0:
+        if hp["decoupled_weight_decay"]:
+            theta = theta * (1.0 - lr * wd)  # SGDW: decay the weight, not the gradient
+        else:
+            g = g + wd * theta  # L2: the decay enters the gradient (and the buffer)
+    if mu != 0:
+        if t > 1:
+            b = mu * state["momentum_buffer"] + (1.0 - tau) * g
+        else:
+            b = g.copy()  # b_1 = g_1: no dampening on the first step
+        state["momentum_buffer"] = b
+        if hp["nesterov"]:
+            g = g + mu * b
+        else:
+            g = b
+    return theta - lr * g
+
+
+def adagrad(theta, grad, state, t, lr, wd, hp):
+    """torch.optim.Adagrad's box (Duchi et al. 2011 with lr decay)."""
+    if t == 1:
+        state["sum"] = np.full_like(theta, hp["initial_accumulator_value"])
+    g = -grad if hp["maximize"] else grad
+    lr_t = lr / (1.0 + (t - 1) * hp["lr_decay"])
+    if wd != 0:
+        g = g + wd * theta
+    state["sum"] = state["sum"] + g**2
+    return theta - lr_t * g / (np.sqrt(state["sum"]) + hp["eps"])
+
+
+def rmsprop(theta, grad, state, t, lr, wd, hp):
+    """torch.optim.RMSprop's box (Hinton's lecture 6e; centered variant from Graves 2013)."""
+    alpha, mu, eps = hp["alpha"], hp["momentum"], hp["eps"]
+    if t == 1:
+        state["square_avg"] = np.zeros_like(theta)
+        if mu > 0:
+            state["momentum_buffer"] = np.zeros_like(theta)
+        if hp["centered"]:
+            state["grad_avg"] = np.zeros_like(theta)
+    g = -grad if hp["maximize"] else grad
+    if wd != 0:
+        g = g + wd * theta
+    v = alpha * state["square_avg"] + (1.0 - alpha) * g**2
+    state["square_avg"] = v
+    v_tilde = v
+    if hp["centered"]:
+        g_ave = alpha * state["grad_avg"] + (1.0 - alpha) * g
+        state["grad_avg"] = g_ave
+        v_tilde = v - g_ave**2
+    if mu > 0:
+        b = mu * state["momentum_buffer"] + g / (np.sqrt(v_tilde) + eps)
+        state["momentum_buffer"] = b
+        return theta - lr * b
+    return theta - lr * g / (np.sqrt(v_tilde) + eps)
+
+
+def adadelta(theta, grad, state, t, lr, wd, hp):
+    """torch.optim.Adadelta's box (Zeiler 2012, with a learning rate)."""
+    rho, eps = hp["rho"], hp["eps"]
+    if t == 1:
+        state["square_avg"] = np.zeros_like(theta)
+        state["acc_delta"] = np.zeros_like(theta)
+    g = -grad if hp["maximize"] else grad
+    if wd != 0:
+        g = g + wd * theta
+    v = state["square_avg"] * rho + g**2 * (1.0 - rho)
+    dx = np.sqrt(state["acc_delta"] + eps) / np.sqrt(v + eps) * g
+    u = state["acc_delta"] * rho + dx**2 * (1.0 - rho)
+    state["square_avg"], state["acc_delta"] = v, u
+    return theta - lr * dx
+
+
+def adam(theta, grad, state, t, lr, wd, hp):
+    """torch.optim.Adam's box (Kingma & Ba 2015; AMSGrad, Reddi et al. 2018), and
+    torch.optim.AdamW's box when ``decoupled_weight_decay`` (Loshchilov & Hutter 2019)."""
+    beta1, beta2 = hp["betas"]
+    if t == 1:
+        state["exp_avg"] = np.zeros_like(theta)
+        state["exp_avg_sq"] = np.zeros_like(theta)
+        if hp["amsgrad"]:
+            state["max_exp_avg_sq"] = np.zeros_like(theta)
+    g = -grad if hp["maximize"] else grad
+    if wd != 0:
+        if hp["decoupled_weight_decay"]:
+            theta = theta - lr * wd * theta  # AdamW box: θ_t ← θ_{t-1} - γλθ_{t-1}
+        else:
+            g = g + wd * theta
+    m = beta1 * state["exp_avg"] + (1.0 - beta1) * g
+    v = beta2 * state["exp_avg_sq"] + (1.0 - beta2) * g**2
+    state["exp_avg"], state["exp_avg_sq"] = m, v
+    m_hat = m / (1.0 - beta1**t)
+    if hp["amsgrad"]:
+        # torch keeps the running max of the *uncorrected* v and corrects it afterwards
+        v_max = np.maximum(state["max_exp_avg_sq"], v)
+        state["max_exp_avg_sq"] = v_max
+        v_hat = v_max / (1.0 - beta2**t)
+    else:
+        v_hat = v / (1.0 - beta2**t)
+    return theta - lr * m_hat / (np.sqrt(v_hat) + hp["eps"])
+
+
+def adamw(theta, grad, state, t, lr, wd, hp):
+    """AdamW: Adam's box with decoupled decay (``decoupled_weight_decay`` defaults True)."""
+    return adam(theta, grad, state, t, lr, wd, hp)
+
+
+STEPS: dict[str, Callable] = {
+    "sgd": sgd,
+    "adagrad": adagrad,
+    "rmsprop": rmsprop,
+    "adadelta": adadelta,
+    "adam": adam,
+    "adamw": adamw,
+}
+
+
+def _at(value, k: int) -> float:
+    return float(value(k)) if callable(value) else float(value)
+
+
+def reference_run(
+    name: str,
+    hyperparams: dict,
+    p0: Sequence[np.ndarray],
+    grads_sequence: Sequence[Sequence[np.ndarray]],
+) -> list[tuple[list[np.ndarray], list[dict]]]:
+    """Run optimizer ``name`` over ``grads_sequence``; return (params, states) after each step.
+
+    ``hyperparams`` override :data:`DEFAULTS`; ``lr`` and ``weight_decay`` may be
+    callables of the 0-based step index k (step k uses ``lr(k)``). Every array is
+    float64; nothing given is modified.
+    """
+    hp = {**DEFAULTS[name], **hyperparams}
+    unknown = set(hyperparams) - set(DEFAULTS[name])
+    if unknown:
+        raise TypeError(f"reference {name} has no hyperparameter(s) {sorted(unknown)}")
+    step = STEPS[name]
+    thetas = [np.array(p, dtype=np.float64, copy=True) for p in p0]
+    states: list[dict] = [{} for _ in thetas]
+    history = []
+    for k, grads in enumerate(grads_sequence):
+        t = k + 1
+        lr, wd = _at(hp["lr"], k), _at(hp["weight_decay"], k)
+        for i, g in enumerate(grads):
+            thetas[i] = np.asarray(
+                step(thetas[i], np.asarray(g, np.float64), states[i], t, lr, wd, hp)
+            )
+        history.append(([th.copy() for th in thetas], copy.deepcopy(states)))
+    return history
+
+
+# --------------------------------------------------------------------------------------
+# Schedules, closed forms in Python math: value at the 0-based step k.
+# --------------------------------------------------------------------------------------
+
+
+def _cosine_value(lr, eta_min, t_cur, t_i):
+    # SGDR (Loshchilov & Hutter 2017, eq. 5)
+    return eta_min + 0.5 * (lr - eta_min) * (1.0 + math.cos(math.pi * t_cur / t_i))
+
+
+def make_schedule(kind: str, **kw) -> Callable[[int], float]:
+    """A Python-math schedule ``k -> value`` named like polyopt.schedules' functions."""
+    if kind == "constant":
+        return lambda k: float(kw["lr"])
+    if kind == "step_decay":
+        lr, size, gamma = kw["lr"], kw["step_size"], kw.get("gamma", 0.1)
+        return lambda k: lr * gamma ** (k // size)
+    if kind == "exponential":
+        return lambda k: kw["lr"] * kw["gamma"] ** k
+    if kind == "cosine":
+        lr, t_max, eta_min = kw["lr"], kw["T_max"], kw.get("eta_min", 0.0)
+        return lambda k: _cosine_value(lr, eta_min, k, t_max)
+    if kind == "cosine_warm_restarts":
+        lr, t0, mult, eta_min = kw["lr"], kw["T_0"], kw.get("T_mult", 1), kw.get("eta_min", 0.0)
+
+        def warm(k):
+            start, length = 0, t0  # period i covers [start, start + T_0 * T_mult^i)
+            while k >= start + length:
+                start, length = start + length, length * mult
+            return _cosine_value(lr, eta_min, k - start, length)
+
+        return warm
+    if kind == "linear":
+        start, end, steps = kw["start"], kw["end"], kw["steps"]
+        return lambda k: start + (end - start) * (min(k, steps) / steps)
+    if kind == "linear_warmup":
+        lr, n, f0 = kw["lr"], kw["warmup_steps"], kw.get("start_factor", 0.0)
+        return lambda k: lr * (f0 + (1.0 - f0) * min(k, n) / n)
+    if kind == "join":
+        parts, bounds = list(kw["schedules"]), list(kw["boundaries"])
+
+        def joined(k):
+            i = 0
+            while i < len(bounds) and k >= bounds[i]:
+                i += 1
+            offset = bounds[i - 1] if i > 0 else 0
+            return parts[i](k - offset)
+
+        return joined
+    raise ValueError(f"unknown schedule kind {kind!r}")

@@ -1,0 +1,786 @@
+"""Bad input: a clear exception naming the argument and the value received, raised before
+anything changes (DESIGN.md, "Errors").
+
+Every check is run in both forms (``polyopt.adamw(...)`` and ``polyopt.AdamW(params, ...)``)
+for every optimizer where it applies. The atomicity tests make a stateful ``step`` or a
+``load_state_dict`` fail on its *last* piece of input, then check that params (same objects,
+bit-identical values), state, hyperparameters and step count are exactly as before, and
+that the next good step equals that of an optimizer that never saw the bad call.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import numpy as np
+import pytest
+
+import polyopt
+
+torch = pytest.importorskip("torch")
+
+NAMES = tuple(polyopt.OPTIMIZERS)
+WITH_EPS = ("adagrad", "rmsprop", "adadelta", "adam", "adamw")
+FORMS = ("factory", "class")
+NAN = float("nan")
+
+# A configuration of each optimizer that keeps per-array state (so that a wrongly
+# committed step or load would show in the state) and uses most of its options.
+CFG = {
+    "sgd": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "adagrad": dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01),
+    "rmsprop": dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.01),
+    "adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.01),
+    "adam": dict(lr=0.01, amsgrad=True, weight_decay=0.01),
+    "adamw": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
+}
+
+
+def _v(value) -> str:
+    """The value as it appears in the message (its repr), escaped for a regex."""
+    return re.escape(repr(value))
+
+
+def construct(name, form, params, **hp):
+    """Build the optimizer in one form; the factory form also runs ``init``."""
+    factory, cls = polyopt.OPTIMIZERS[name]
+    if form == "factory":
+        return factory(**hp).init(params)
+    return cls(params, **hp)
+
+
+def run_update(name, form, params, grads, **hp):
+    """One update in one form with the optimizer's test configuration."""
+    factory, cls = polyopt.OPTIMIZERS[name]
+    hp = {**CFG[name], **hp}
+    if form == "factory":
+        opt = factory(**hp)
+        state = opt.init(params)
+        return opt.update(params, grads, state)
+    opt = cls(params, **hp)
+    opt.step(grads)
+    return opt
+
+
+def to_np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy().copy()
+    return np.array(x, copy=True)
+
+
+def assert_state_dict_equal(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    assert a["step"] == b["step"]
+    assert len(a["param_groups"]) == len(b["param_groups"])
+    for ga, gb in zip(a["param_groups"], b["param_groups"], strict=True):
+        assert ga == gb
+    assert set(a["state"]) == set(b["state"])
+    for i in a["state"]:
+        assert set(a["state"][i]) == set(b["state"][i])
+        for name in a["state"][i]:
+            x, y = to_np(a["state"][i][name]), to_np(b["state"][i][name])
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert np.array_equal(x, y), (i, name)
+
+
+def _ones(n, dtype=np.float64):
+    return np.ones(n, dtype=dtype)
+
+
+# -- hyperparameters ------------------------------------------------------------------------
+
+# (optimizers it applies to, hyperparameters, exception, regex naming argument and value)
+BAD_HP = [
+    (NAMES, {"lr": -1.0}, ValueError, r"\blr\b.*" + _v(-1.0)),
+    (NAMES, {"lr": NAN}, ValueError, r"\blr\b.*nan"),
+    (NAMES, {"lr": -3}, ValueError, r"\blr\b.*-3"),
+    (NAMES, {"lr": "0.1"}, TypeError, r"\blr\b.*" + _v("0.1")),
+    (NAMES, {"lr": True}, TypeError, r"\blr\b.*True"),
+    (NAMES, {"weight_decay": -0.5}, ValueError, r"weight_decay.*" + _v(-0.5)),
+    (NAMES, {"weight_decay": NAN}, ValueError, r"weight_decay.*nan"),
+    (NAMES, {"maximize": 1}, TypeError, r"maximize.*\b1\b"),
+    (NAMES, {"maximize": "yes"}, TypeError, r"maximize.*'yes'"),
+    (NAMES, {"foo": 1}, TypeError, r"\bfoo\b"),
+    (NAMES, {"impl": "cuda"}, ValueError, r"impl.*'cuda'"),
+    (NAMES, {"impl": None}, ValueError, r"impl.*None"),
+    (WITH_EPS, {"eps": -1e-3}, ValueError, r"\beps\b.*" + _v(-1e-3)),
+    (WITH_EPS, {"eps": NAN}, ValueError, r"\beps\b.*nan"),
+    (("adam", "adamw"), {"betas": (1.0, 0.999)}, ValueError, r"betas\[0\].*" + _v(1.0)),
+    (("adam", "adamw"), {"betas": (-0.1, 0.999)}, ValueError, r"betas\[0\].*" + _v(-0.1)),
+    (("adam", "adamw"), {"betas": (NAN, 0.999)}, ValueError, r"betas\[0\].*nan"),
+    (("adam", "adamw"), {"betas": (0.9, 1.0)}, ValueError, r"betas\[1\].*" + _v(1.0)),
+    (("adam", "adamw"), {"betas": (0.9, 1.5)}, ValueError, r"betas\[1\].*" + _v(1.5)),
+    (("adam", "adamw"), {"betas": (0.9, -1e-3)}, ValueError, r"betas\[1\].*" + _v(-1e-3)),
+    (("adam", "adamw"), {"betas": (0.9,)}, ValueError, r"betas.*" + _v((0.9,))),
+    (
+        ("adam", "adamw"),
+        {"betas": (0.9, 0.99, 0.999)},
+        ValueError,
+        r"betas.*" + _v((0.9, 0.99, 0.999)),
+    ),
+    (("adam", "adamw"), {"betas": 0.9}, ValueError, r"betas.*" + _v(0.9)),
+    (("adam", "adamw"), {"amsgrad": 1}, TypeError, r"amsgrad.*\b1\b"),
+    (("adam", "adamw"), {"amsgrad": None}, TypeError, r"amsgrad.*None"),
+    (
+        ("adam", "adamw", "sgd"),
+        {"decoupled_weight_decay": 0},
+        TypeError,
+        r"decoupled_weight_decay.*\b0\b",
+    ),
+    (("sgd",), {"momentum": -0.9}, ValueError, r"momentum.*" + _v(-0.9)),
+    (("sgd",), {"momentum": NAN}, ValueError, r"momentum.*nan"),
+    (("sgd",), {"dampening": -0.1}, ValueError, r"dampening.*" + _v(-0.1)),
+    (("sgd",), {"nesterov": True}, ValueError, r"nesterov.*momentum=0"),
+    (
+        ("sgd",),
+        {"nesterov": True, "momentum": 0.9, "dampening": 0.5},
+        ValueError,
+        r"nesterov.*dampening=0\.5",
+    ),
+    (("sgd",), {"nesterov": "yes"}, TypeError, r"nesterov.*'yes'"),
+    (("sgd",), {"momentum": lambda k: 0.9}, TypeError, r"momentum.*schedule"),
+    (("rmsprop",), {"momentum": -0.5}, ValueError, r"momentum.*" + _v(-0.5)),
+    (("rmsprop",), {"alpha": 1.5}, ValueError, r"alpha.*" + _v(1.5)),
+    (("rmsprop",), {"alpha": -0.01}, ValueError, r"alpha.*" + _v(-0.01)),
+    (("rmsprop",), {"alpha": NAN}, ValueError, r"alpha.*nan"),
+    (("rmsprop",), {"centered": 1}, TypeError, r"centered.*\b1\b"),
+    (("rmsprop",), {"alpha": lambda k: 0.9}, TypeError, r"alpha.*schedule"),
+    (("adagrad",), {"lr_decay": -0.1}, ValueError, r"lr_decay.*" + _v(-0.1)),
+    (("adagrad",), {"lr_decay": NAN}, ValueError, r"lr_decay.*nan"),
+    (
+        ("adagrad",),
+        {"initial_accumulator_value": -1.0},
+        ValueError,
+        r"initial_accumulator_value.*" + _v(-1.0),
+    ),
+    (("adadelta",), {"rho": 1.01}, ValueError, r"\brho\b.*" + _v(1.01)),
+    (("adadelta",), {"rho": -0.5}, ValueError, r"\brho\b.*" + _v(-0.5)),
+    (("adadelta",), {"rho": NAN}, ValueError, r"\brho\b.*nan"),
+]
+
+HP_CASES = [
+    pytest.param(name, hp, exc, rx, id=f"{name}-{'-'.join(f'{k}={v!r}' for k, v in hp.items())}")
+    for names, hp, exc, rx in BAD_HP
+    for name in names
+]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize(("name", "hp", "exc", "rx"), HP_CASES)
+def test_bad_hyperparameter(name, hp, exc, rx, form):
+    with pytest.raises(exc, match=rx):
+        construct(name, form, [_ones(3)], **hp)
+
+
+# Edge values that are valid must be accepted (so the checks above are not simply
+# rejecting everything near a boundary).
+GOOD_EDGES = {
+    "sgd": [dict(lr=0.0), dict(momentum=0.0, dampening=0.0), dict(momentum=1.0, nesterov=True)],
+    "adagrad": [dict(lr=0.0, lr_decay=0.0, initial_accumulator_value=0.0, eps=0.0)],
+    "rmsprop": [dict(alpha=0.0), dict(alpha=1.0, momentum=0.0, eps=0.0)],
+    "adadelta": [dict(rho=0.0), dict(rho=1.0)],
+    "adam": [dict(betas=(0.0, 0.0)), dict(betas=[0.5, 0.5], eps=0.0, weight_decay=0.0)],
+    "adamw": [dict(betas=(0.0, 0.0), weight_decay=0.0, lr=0.0)],
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize(
+    ("name", "hp"), [(n, hp) for n, hps in GOOD_EDGES.items() for hp in hps], ids=str
+)
+def test_valid_edge_values_are_accepted(name, hp, form):
+    opt = construct(name, form, [_ones(3)], **hp)
+    assert opt is not None
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    ("override", "exc", "rx"),
+    [
+        ({"lr": -1.0}, ValueError, r"\blr\b.*" + _v(-1.0) + r".*param group 1"),
+        ({"weight_decay": NAN}, ValueError, r"weight_decay.*nan.*param group 1"),
+        ({"maximize": "no"}, TypeError, r"maximize.*'no'.*param group 1"),
+        ({"foo": 3}, TypeError, r"foo.*param group 1"),
+    ],
+    ids=["lr", "weight_decay", "flag", "unknown"],
+)
+def test_bad_hyperparameter_in_param_group(name, form, override, exc, rx):
+    groups = [{"params": [_ones(3)]}, {"params": [_ones(2)], **override}]
+    with pytest.raises(exc, match=rx):
+        construct(name, form, groups)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_param_group_given_to_update(name):
+    factory, _ = polyopt.OPTIMIZERS[name]
+    opt = factory(**CFG[name])
+    a, b = _ones(3), _ones(2)
+    state = opt.init([{"params": [a]}, {"params": [b]}])
+    with pytest.raises(ValueError, match=r"\blr\b.*" + _v(-2.0) + r".*param group 1"):
+        opt.update([{"params": [a]}, {"params": [b], "lr": -2.0}], [[a], [b]], state)
+
+
+# -- params -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("empty", [[], {}, (), [[], {}], {"a": []}], ids=repr)
+def test_empty_params(name, form, empty):
+    with pytest.raises(ValueError, match=r"params.*empty"):
+        construct(name, form, empty)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_param_group(name, form):
+    with pytest.raises(ValueError, match=r"params.*empty"):
+        construct(name, form, [{"params": []}])
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    ("params", "rx"),
+    [
+        ([_ones(3), 1.5], r"params.*leaf 1.*float.*1\.5"),
+        ({"w": _ones(3), "b": None}, r"params.*NoneType.*None"),
+        ("abc", r"params.*str.*'abc'"),
+        ([1.0, 2.0], r"params.*float"),
+        ([_ones(3), [_ones(2), object()]], r"params.*leaf 2.*object"),
+    ],
+    ids=["float", "None", "str", "floats", "object"],
+)
+def test_non_array_leaves(name, form, params, rx):
+    with pytest.raises(TypeError, match=rx):
+        construct(name, form, params)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: [_ones(3), np.arange(3)],
+        lambda: np.ones(3, dtype=np.int32),
+        lambda: [torch.ones(3, dtype=torch.float64), torch.arange(3)],
+        lambda: np.ones(3, dtype=bool),
+    ],
+    ids=["numpy-int64", "numpy-int32", "torch-int64", "numpy-bool"],
+)
+def test_non_floating_params(name, form, make):
+    params = make()
+    bad = params[-1] if isinstance(params, list) else params
+    with pytest.raises(TypeError, match=r"params.*" + re.escape(str(bad.dtype).split(".")[-1])):
+        construct(name, form, params)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", NAMES)
+def test_params_from_two_libraries(name, form):
+    params = [_ones(3), torch.ones(3, dtype=torch.float64)]
+    with pytest.raises(TypeError, match=r"params.*numpy.*torch"):
+        construct(name, form, params)
+
+
+# -- grads ------------------------------------------------------------------------------------
+
+
+def _dict_params():
+    return {"a": _ones(3), "b": _ones(2)}
+
+
+def _list_params():
+    return [_ones(3), _ones(2)]
+
+
+GRAD_CASES = {
+    "missing-key": (_dict_params, lambda: {"a": _ones(3)}, ValueError, r"grads.*\['a'\]"),
+    "extra-key": (
+        _dict_params,
+        lambda: {"a": _ones(3), "b": _ones(2), "c": _ones(1)},
+        ValueError,
+        r"grads.*'c'",
+    ),
+    "list-for-dict": (_dict_params, lambda: [_ones(3), _ones(2)], ValueError, r"grads.*list"),
+    "too-short": (_list_params, lambda: [_ones(3)], ValueError, r"grads.*length 1"),
+    "too-long": (
+        _list_params,
+        lambda: [_ones(3), _ones(2), _ones(2)],
+        ValueError,
+        r"grads.*length 3",
+    ),
+    "extra-nesting": (
+        _list_params,
+        lambda: [[_ones(3)], _ones(2)],
+        ValueError,
+        r"grads\[0\].*list",
+    ),
+    "missing-nesting": (
+        lambda: {"x": [_ones(3), _ones(2)]},
+        lambda: {"x": _ones(3)},
+        ValueError,
+        r"grads\['x'\].*ndarray",
+    ),
+    "list-for-array": (lambda: _ones(3), lambda: [_ones(3)], ValueError, r"grads.*list"),
+    "shape": (_list_params, lambda: [_ones(4), _ones(2)], ValueError, r"grads leaf 0.*\(4,\)"),
+    "shape-2d": (
+        _list_params,
+        lambda: [_ones(3), np.ones((2, 1))],
+        ValueError,
+        r"grads leaf 1.*\(2, 1\)",
+    ),
+    "dtype": (
+        _list_params,
+        lambda: [_ones(3), _ones(2, np.float32)],
+        ValueError,
+        r"grads leaf 1.*float32",
+    ),
+    "torch-grads": (
+        _list_params,
+        lambda: [torch.ones(3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)],
+        TypeError,
+        r"grads.*numpy.*torch",
+    ),
+    "one-torch-grad": (
+        _list_params,
+        lambda: [_ones(3), torch.ones(2, dtype=torch.float64)],
+        TypeError,
+        r"grads.*numpy.*torch",
+    ),
+    "None-leaf": (_list_params, lambda: [_ones(3), None], TypeError, r"grads.*NoneType"),
+    "float-leaf": (_list_params, lambda: [_ones(3), 2.5], TypeError, r"grads.*float.*2\.5"),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", list(GRAD_CASES))
+def test_bad_grads(name, form, case):
+    make_params, make_grads, exc, rx = GRAD_CASES[case]
+    with pytest.raises(exc, match=rx):
+        run_update(name, form, make_params(), make_grads())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_none_grads_functional(name):
+    with pytest.raises(ValueError, match=r"grads.*None"):
+        run_update(name, "factory", _list_params(), None)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_grads_for_numpy_params(name):
+    _, cls = polyopt.OPTIMIZERS[name]
+    opt = cls(_list_params(), **CFG[name])
+    with pytest.raises(ValueError, match=r"grads.*\.grad"):
+        opt.step()
+    with pytest.raises(ValueError, match=r"grads.*\.grad"):
+        opt.step(None)
+    assert opt.step_count == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_param_without_grad(name):
+    _, cls = polyopt.OPTIMIZERS[name]
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    w.grad = torch.ones(3, dtype=torch.float64)  # b has no .grad
+    opt = cls([w, b], **CFG[name])
+    with pytest.raises(ValueError, match=r"leaf 1.*\.grad"):
+        opt.step()
+    assert torch.equal(w.detach(), torch.ones(3, dtype=torch.float64))
+
+
+# -- state ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_for_fewer_params(name):
+    factory, _ = polyopt.OPTIMIZERS[name]
+    opt = factory(**CFG[name])
+    state = opt.init([_ones(3), _ones(2)])
+    with pytest.raises(ValueError, match=r"state.*\b2\b.*\b1\b"):
+        opt.update([_ones(3)], [_ones(3)], state)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_for_other_shapes(name):
+    factory, _ = polyopt.OPTIMIZERS[name]
+    opt = factory(**CFG[name])
+    state = opt.init([_ones(3)])
+    # (3,) broadcasts against (2, 3): without a check the state would silently broadcast
+    params = [np.ones((2, 3))]
+    with pytest.raises(ValueError, match=r"state.*\(3,\)"):
+        opt.update(params, [np.ones((2, 3))], state)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_for_other_dtype(name):
+    factory, _ = polyopt.OPTIMIZERS[name]
+    opt = factory(**CFG[name])
+    state = opt.init([_ones(3, np.float32)])
+    with pytest.raises(ValueError, match=r"state.*float32"):
+        opt.update([_ones(3)], [_ones(3)], state)
+
+
+@pytest.mark.parametrize(
+    ("name", "init_hp", "rx"),
+    [
+        ("sgd", dict(momentum=0.0, nesterov=False), r"state.*momentum_buffer"),
+        ("rmsprop", dict(centered=False), r"state.*grad_avg"),
+        ("rmsprop", dict(momentum=0.0), r"state.*momentum_buffer"),
+        ("adam", dict(amsgrad=False), r"state.*max_exp_avg_sq"),
+        ("adamw", dict(amsgrad=False), r"state.*max_exp_avg_sq"),
+    ],
+)
+def test_state_made_with_other_options(name, init_hp, rx):
+    factory, _ = polyopt.OPTIMIZERS[name]
+    state = factory(**{**CFG[name], **init_hp}).init([_ones(3)])
+    with pytest.raises(ValueError, match=rx):
+        factory(**CFG[name]).update([_ones(3)], [_ones(3)], state)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_not_an_optstate(name):
+    factory, _ = polyopt.OPTIMIZERS[name]
+    opt = factory(**CFG[name])
+    with pytest.raises(TypeError, match=r"state.*dict"):
+        opt.update([_ones(3)], [_ones(3)], {"step": 0, "slots": ()})
+
+
+# -- atomicity of step -----------------------------------------------------------------------
+
+BACKENDS = ("numpy", "torch")
+SHAPES = [(3,), (2, 2), (4,)]
+
+
+def _array(backend, x):
+    return torch.tensor(x) if backend == "torch" else np.array(x)
+
+
+def _params(backend, seed=0):
+    rng = np.random.default_rng(seed)
+    return [_array(backend, rng.standard_normal(s)) for s in SHAPES]
+
+
+def _grads(backend, k):
+    rng = np.random.default_rng(100 + k)
+    return [_array(backend, rng.standard_normal(s)) for s in SHAPES]
+
+
+def _other(backend, x):
+    return np.array(x) if backend == "torch" else torch.tensor(x)
+
+
+def _bad_last(kind, backend, grads):
+    last = to_np(grads[-1])
+    *first, _ = grads
+    return {
+        "shape": first + [_array(backend, np.ones(5))],
+        "dtype": first + [_array(backend, last.astype(np.float32))],
+        "int-dtype": first + [_array(backend, np.ones(4, dtype=np.int64))],
+        "other-library": first + [_other(backend, last)],
+        "None": first + [None],
+        "nested": first + [[grads[-1]]],
+        "non-array": first + [3.0],
+        "too-long": grads + [_array(backend, np.ones(4))],
+    }[kind]
+
+
+BAD_LAST_KINDS = (
+    "shape",
+    "dtype",
+    "int-dtype",
+    "other-library",
+    "None",
+    "nested",
+    "non-array",
+    "too-long",
+)
+
+
+def _snapshot(opt, params):
+    return [to_np(p) for p in params], opt.state_dict(), opt.step_count
+
+
+def _assert_unchanged(opt, params, snap):
+    values, sd, count = snap
+    assert opt.step_count == count
+    current = opt.params
+    if isinstance(current[0], dict):  # param groups
+        current = [p for g in current for p in g["params"]]
+    assert len(current) == len(params)
+    for mine, orig, v in zip(current, params, values, strict=True):
+        assert mine is orig  # the user's very objects, not replaced
+        got = to_np(orig)
+        assert got.dtype == v.dtype and np.array_equal(got, v)  # bit-identical
+    assert_state_dict_equal(opt.state_dict(), sd)
+
+
+def _assert_same_params(params_a, params_b):
+    for a, b in zip(params_a, params_b, strict=True):
+        assert np.array_equal(to_np(a), to_np(b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("kind", BAD_LAST_KINDS)
+def test_failed_step_changes_nothing(name, backend, kind):
+    _, cls = polyopt.OPTIMIZERS[name]
+    params, ref_params = _params(backend), _params(backend)
+    opt, ref = cls(params, **CFG[name]), cls(ref_params, **CFG[name])
+    for k in range(3):
+        opt.step(_grads(backend, k))
+        ref.step(_grads(backend, k))
+    snap = _snapshot(opt, params)
+
+    with pytest.raises((ValueError, TypeError), match=r"grads"):
+        opt.step(_bad_last(kind, backend, _grads(backend, 3)))
+
+    _assert_unchanged(opt, params, snap)
+    opt.step(_grads(backend, 3))
+    ref.step(_grads(backend, 3))
+    _assert_same_params(params, ref_params)
+    assert_state_dict_equal(opt.state_dict(), ref.state_dict())
+
+
+def _group_params(backend, seed=0):
+    a, b, c = _params(backend, seed)
+    return [{"params": [a, b]}, {"params": [c], "lr": 0.05}]
+
+
+def _flat(groups):
+    return [p for g in groups for p in g["params"]]
+
+
+def _group_grads(backend, k):
+    ga, gb, gc = _grads(backend, k)
+    return [[ga, gb], [gc]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_failed_step_bad_live_group_hyperparameter(name, backend):
+    _, cls = polyopt.OPTIMIZERS[name]
+    groups, ref_groups = _group_params(backend), _group_params(backend)
+    opt, ref = cls(groups, **CFG[name]), cls(ref_groups, **CFG[name])
+    for k in range(2):
+        opt.step(_group_grads(backend, k))
+        ref.step(_group_grads(backend, k))
+    params = _flat(groups)
+    snap = _snapshot(opt, params)
+
+    opt.param_groups[1]["lr"] = -0.5  # the last group is bad; group 0 would be updated first
+    with pytest.raises(ValueError, match=r"\blr\b.*" + _v(-0.5) + r".*param group 1"):
+        opt.step(_group_grads(backend, 2))
+    opt.param_groups[1]["lr"] = 0.05
+
+    _assert_unchanged(opt, params, snap)
+    opt.step(_group_grads(backend, 2))
+    ref.step(_group_grads(backend, 2))
+    _assert_same_params(params, _flat(ref_groups))
+    assert_state_dict_equal(opt.state_dict(), ref.state_dict())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_failed_step_schedule_goes_negative_in_last_group(name, backend):
+    """A schedule of the last group gives a negative lr at step 2: group 0 has already been
+    computed when the error is found; nothing may be written."""
+    _, cls = polyopt.OPTIMIZERS[name]
+
+    def bad_after_two(k):
+        return 0.05 if k < 2 else -0.25
+
+    groups = _group_params(backend)
+    groups[1]["lr"] = bad_after_two
+    ref_groups = _group_params(backend)  # same as groups up to step 2, lr constant 0.05
+    opt, ref = cls(groups, **CFG[name]), cls(ref_groups, **CFG[name])
+    for k in range(2):
+        opt.step(_group_grads(backend, k))
+        ref.step(_group_grads(backend, k))
+    params = _flat(groups)
+    snap = _snapshot(opt, params)
+
+    with pytest.raises(ValueError, match=r"\blr\b.*" + _v(-0.25)):
+        opt.step(_group_grads(backend, 2))
+
+    _assert_unchanged(opt, params, snap)
+    opt.param_groups[1]["lr"] = 0.05
+    opt.step(_group_grads(backend, 2))
+    ref.step(_group_grads(backend, 2))
+    _assert_same_params(params, _flat(ref_groups))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_failed_update_does_not_touch_inputs(name):
+    factory, _ = polyopt.OPTIMIZERS[name]
+    opt = factory(**CFG[name])
+    params = _params("numpy")
+    state = opt.init(params)
+    params, state = opt.update(params, _grads("numpy", 0), state)
+    before_p = [p.copy() for p in params]
+    before_s = [{k: v.copy() for k, v in s.items()} for s in state.slots]
+    with pytest.raises(ValueError):
+        opt.update(params, _bad_last("shape", "numpy", _grads("numpy", 1)), state)
+    for p, q in zip(params, before_p, strict=True):
+        assert np.array_equal(p, q)
+    for s, t in zip(state.slots, before_s, strict=True):
+        assert set(s) == set(t) and all(np.array_equal(s[k], t[k]) for k in s)
+    assert state.step == 1
+
+
+# -- atomicity of load_state_dict ----------------------------------------------------------
+
+
+def _last_slot(sd):
+    last = max(sd["state"])
+    return last, sorted(sd["state"][last])[0]
+
+
+def _bad_shape(sd):
+    i, s = _last_slot(sd)
+    sd["state"][i][s] = sd["state"][i][s][:2]  # (4,) -> (2,)
+
+
+def _bad_dtype(sd):
+    i, s = _last_slot(sd)
+    x = sd["state"][i][s]
+    sd["state"][i][s] = x.to(torch.float32) if isinstance(x, torch.Tensor) else x.astype(np.float32)
+
+
+def _missing_slot(sd):
+    i, s = _last_slot(sd)
+    del sd["state"][i][s]
+
+
+def _extra_slot(sd):
+    i, s = _last_slot(sd)
+    sd["state"][i]["bogus"] = sd["state"][i][s]
+
+
+def _missing_entry(sd):
+    del sd["state"][max(sd["state"])]
+
+
+def _extra_entry(sd):
+    sd["state"][max(sd["state"]) + 1] = sd["state"][0]
+
+
+def _assign(path, value):
+    def f(sd):
+        d = sd
+        for p in path[:-1]:
+            d = d[p]
+        d[path[-1]] = value
+
+    return f
+
+
+def _delete(key):
+    def f(sd):
+        del sd[key]
+
+    return f
+
+
+BAD_LOADS = {
+    "wrong-shape": (_bad_shape, ValueError, r"state_dict\['state'\]\[2\].*\(2,\)"),
+    "wrong-dtype": (_bad_dtype, ValueError, r"state_dict\['state'\]\[2\].*float32"),
+    "missing-slot": (_missing_slot, ValueError, r"state_dict\['state'\]\[2\]"),
+    "extra-slot": (_extra_slot, ValueError, r"state_dict\['state'\]\[2\].*bogus"),
+    "missing-entry": (_missing_entry, ValueError, r"state_dict\['state'\].*\b2\b"),
+    "extra-entry": (_extra_entry, ValueError, r"state_dict\['state'\].*\b4\b"),
+    "missing-step": (_delete("step"), ValueError, r"state_dict.*keys"),
+    "missing-state": (_delete("state"), ValueError, r"state_dict.*keys"),
+    "extra-key": (_assign(["bogus"], 1), ValueError, r"state_dict.*bogus"),
+    "negative-step": (_assign(["step"], -1), ValueError, r"step.*-1"),
+    "float-step": (_assign(["step"], 2.5), ValueError, r"step.*2\.5"),
+    "one-group": (lambda sd: sd["param_groups"].pop(), ValueError, r"state_dict.*\b1 param group"),
+    "three-groups": (
+        lambda sd: sd["param_groups"].append(dict(sd["param_groups"][1])),
+        ValueError,
+        r"state_dict.*\b3 param group",
+    ),
+    "group-size": (
+        _assign(["param_groups", 0, "params"], [0]),
+        ValueError,
+        r"param_groups'\]\[0\].*\b1 params",
+    ),
+    "bad-hyperparameter": (
+        _assign(["param_groups", 1, "lr"], -1.0),
+        ValueError,
+        r"\blr\b.*" + _v(-1.0),
+    ),
+    "unknown-hyperparameter": (_assign(["param_groups", 1, "foo"], 1), TypeError, r"foo"),
+    "not-a-dict": (lambda sd: None, ValueError, r"state_dict.*list"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad", list(BAD_LOADS))
+def test_failed_load_state_dict_changes_nothing(name, backend, bad):
+    _, cls = polyopt.OPTIMIZERS[name]
+    groups, ref_groups = _group_params(backend), _group_params(backend)
+    opt, ref = cls(groups, **CFG[name]), cls(ref_groups, **CFG[name])
+    for k in range(2):
+        opt.step(_group_grads(backend, k))
+        ref.step(_group_grads(backend, k))
+
+    # a donor whose state, step and group-0 lr all differ: a partial load would show
+    donor = cls(_group_params(backend, seed=7), **CFG[name])
+    for k in range(5):
+        donor.step(_group_grads(backend, 10 + k))
+    donor.param_groups[0]["lr"] = 0.2
+    sd = copy.deepcopy(donor.state_dict())
+    corrupt, exc, rx = BAD_LOADS[bad]
+    if bad == "not-a-dict":
+        sd = [sd]
+    else:
+        corrupt(sd)
+
+    params = _flat(groups)
+    snap = _snapshot(opt, params)
+    lr0 = opt.param_groups[0]["lr"]
+    with pytest.raises(exc, match=rx):
+        opt.load_state_dict(sd)
+
+    _assert_unchanged(opt, params, snap)
+    assert opt.param_groups[0]["lr"] == lr0
+    opt.step(_group_grads(backend, 2))
+    ref.step(_group_grads(backend, 2))
+    _assert_same_params(params, _flat(ref_groups))
+    assert_state_dict_equal(opt.state_dict(), ref.state_dict())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_good_load_does_change_things(name, backend):
+    """Control for the test above: the uncorrupted donor dict does load (so each failure
+    above comes from its corruption)."""
+    _, cls = polyopt.OPTIMIZERS[name]
+    groups = _group_params(backend)
+    opt = cls(groups, **CFG[name])
+    opt.step(_group_grads(backend, 0))
+    donor = cls(_group_params(backend, seed=7), **CFG[name])
+    for k in range(5):
+        donor.step(_group_grads(backend, 10 + k))
+    donor.param_groups[0]["lr"] = 0.2
+    opt.load_state_dict(copy.deepcopy(donor.state_dict()))
+    assert opt.step_count == 5
+    assert opt.param_groups[0]["lr"] == 0.2
+    assert_state_dict_equal(opt.state_dict(), donor.state_dict())
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", NAMES)
+def test_infinite_lr(name, form):
+    # -inf is as bad as a negative number; +inf is not a usable learning rate either
+    with pytest.raises(ValueError, match=r"\blr\b.*-inf"):
+        construct(name, form, [_ones(3)], lr=-math.inf)
+    with pytest.raises(ValueError, match=r"\blr\b.*inf"):
+        construct(name, form, [_ones(3)], lr=math.inf)

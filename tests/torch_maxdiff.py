@@ -1,0 +1,200 @@
+"""Largest relative difference of polyopt's params from torch.optim's, per case.
+
+Run ``python tests/torch_maxdiff.py [steps]`` (default 150 steps, float64): prints a table
+``case id -> max relative difference`` for every case of tests/cases.py that torch.optim
+supports. The difference of one step is ``max|p_polyopt - p_torch| / max|p_torch|`` over
+each parameter array (normwise, so entries that happen to cross zero do not dominate);
+the figure is the largest over all arrays and steps.
+
+Also the torch side of tests/test_torch.py: :func:`torch_run` drives ``torch.optim``
+(with torch's own LR schedulers for schedule cases) over a gradient sequence. torch is
+imported inside the functions, so importing this module never needs torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cases as C  # noqa: E402
+import reference  # noqa: E402
+
+#: polyopt slot name -> torch optimizer.state[p] key (the same names by design).
+SLOT_TO_TORCH = {
+    n: n
+    for n in (
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "momentum_buffer",
+        "sum",
+        "square_avg",
+        "grad_avg",
+        "acc_delta",
+    )
+}
+
+
+def torch_supports(case: C.Case) -> bool:
+    """torch.optim.SGD has no decoupled weight decay (SGDW): those cases are reference-only."""
+    return not (case.name == "sgd" and case.hyperparams.get("decoupled_weight_decay", False))
+
+
+def _scheduler_builder(spec: C.Sched):
+    """``(base_lr, build)`` with ``build(optimizer)`` making torch's scheduler for ``spec``."""
+    from torch.optim import lr_scheduler as L
+
+    a = spec.args
+    if spec.kind == "constant":
+        return a["lr"], None
+    if spec.kind == "step_decay":
+        return a["lr"], lambda o: L.StepLR(o, step_size=a["step_size"], gamma=a.get("gamma", 0.1))
+    if spec.kind == "exponential":
+        return a["lr"], lambda o: L.ExponentialLR(o, gamma=a["gamma"])
+    if spec.kind == "cosine":
+        return a["lr"], lambda o: L.CosineAnnealingLR(
+            o, T_max=a["T_max"], eta_min=a.get("eta_min", 0.0)
+        )
+    if spec.kind == "cosine_warm_restarts":
+        return a["lr"], lambda o: L.CosineAnnealingWarmRestarts(
+            o, T_0=a["T_0"], T_mult=a.get("T_mult", 1), eta_min=a.get("eta_min", 0.0)
+        )
+    if spec.kind == "linear":  # LinearLR's factors must be <= 1: use the larger end as base
+        base = max(a["start"], a["end"])
+        return base, lambda o: L.LinearLR(
+            o, start_factor=a["start"] / base, end_factor=a["end"] / base, total_iters=a["steps"]
+        )
+    if spec.kind == "linear_warmup":
+        return a["lr"], lambda o: L.LinearLR(
+            o,
+            start_factor=a.get("start_factor", 0.0),
+            end_factor=1.0,
+            total_iters=a["warmup_steps"],
+        )
+    if spec.kind == "join":
+        parts = [_scheduler_builder(s) for s in a["schedules"]]
+        bases = {b for b, _ in parts}
+        if len(bases) != 1:
+            raise ValueError(f"SequentialLR needs one base lr for all parts, got {sorted(bases)}")
+        return bases.pop(), lambda o: L.SequentialLR(
+            o, schedulers=[build(o) for _, build in parts], milestones=list(a["boundaries"])
+        )
+    raise ValueError(f"no torch scheduler for {spec.kind!r}")
+
+
+def torch_optimizer(case: C.Case, tensors: list):
+    """``(optimizer, scheduler or None, weight_decay schedule or None)`` for ``case``."""
+    import torch
+
+    hp = dict(case.hyperparams)
+    lr_spec = hp.get("lr")
+    build = None
+    if isinstance(lr_spec, C.Sched):
+        hp["lr"], build = _scheduler_builder(lr_spec)
+    wd_fn = None
+    if isinstance(hp.get("weight_decay"), C.Sched):
+        # torch has no weight-decay scheduler: set the group's value before every step,
+        # from the reference's closed form (independent of polyopt)
+        wd_fn = C.resolve(hp["weight_decay"], reference.make_schedule)
+        hp["weight_decay"] = wd_fn(0)
+    if case.name == "sgd":
+        hp.pop("decoupled_weight_decay", None)
+        cls = torch.optim.SGD
+    elif case.name == "adamw":
+        decoupled = hp.pop("decoupled_weight_decay", True)
+        cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+        if not decoupled:
+            hp.setdefault("weight_decay", 1e-2)  # polyopt.adamw's default, not Adam's 0
+    else:
+        cls = {
+            "adagrad": torch.optim.Adagrad,
+            "rmsprop": torch.optim.RMSprop,
+            "adadelta": torch.optim.Adadelta,
+            "adam": torch.optim.Adam,
+        }[case.name]
+    opt = cls(tensors, **hp)
+    sched = build(opt) if build is not None else None
+    return opt, sched, wd_fn
+
+
+def torch_run(case: C.Case, p0: list, grads: list):
+    """Yield ``(params, states)`` as float64 NumPy after each torch.optim step."""
+    import warnings
+
+    import torch
+
+    tensors = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in p0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scheduler construction warnings are not ours
+        opt, sched, wd_fn = torch_optimizer(case, tensors)
+    for k, gs in enumerate(grads):
+        if wd_fn is not None:
+            for group in opt.param_groups:
+                group["weight_decay"] = wd_fn(k)
+        for t, g in zip(tensors, gs, strict=True):
+            t.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        params = [t.detach().numpy().copy() for t in tensors]
+        states = [
+            {n: v.detach().numpy().copy() for n, v in opt.state[t].items() if n != "step"}
+            for t in tensors
+        ]
+        yield params, states
+        if sched is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sched.step()
+
+
+def rel_diff(a, b) -> float:
+    """Normwise relative difference ``max|a - b| / max|b|`` (0 for empty arrays)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if b.size == 0:
+        return 0.0
+    scale = float(np.max(np.abs(b)))
+    diff = float(np.max(np.abs(a - b)))
+    return diff / scale if scale else diff
+
+
+def max_param_diff(case: C.Case, steps: int = 150) -> float:
+    """Largest :func:`rel_diff` of polyopt's (NumPy float64) params from torch's."""
+    import polyopt
+
+    p0, grads = C.make_problem(steps)
+    opt = polyopt.OPTIMIZERS[case.name][0](**C.polyopt_hyperparams(case))
+    params = [p.copy() for p in p0]
+    state = opt.init(params)
+    worst = 0.0
+    for k, (tp, _) in enumerate(torch_run(case, p0, grads)):
+        params, state = opt.update(params, grads[k], state)
+        worst = max(worst, *(rel_diff(p, q) for p, q in zip(params, tp, strict=True)))
+    return worst
+
+
+def main(argv: list[str]) -> int:
+    try:
+        import torch
+    except ImportError:
+        print("torch is not installed: pip install -r backends/torch.txt", file=sys.stderr)
+        return 2
+
+    steps = int(argv[1]) if len(argv) > 1 else 150
+    print(
+        f"polyopt vs torch.optim {torch.__version__}: "
+        f"max relative difference of params, float64, {steps} steps"
+    )
+    print(f"{'case':40s} max rel diff")
+    for case in C.CASES:
+        if torch_supports(case):
+            print(f"{case.id:40s} {max_param_diff(case, steps):.1e}")
+        else:
+            print(f"{case.id:40s} n/a (torch.optim.SGD has no decoupled weight decay)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
