@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from . import _tree, _xp
+from . import _tree, _xp, backends
 
 IMPLS = ("auto", "generic", "fused")
 
@@ -176,17 +176,25 @@ class Optimizer:
         for gi, (hp, (lv, _)) in enumerate(zip(groups, flat)):
             _check_eps(xp, hp, lv, _group_label(gi, grouped))
 
+        fast = backends.lookup(self.rule.name, _xp.backend_name(leaves[0]), self.impl)
         k = state.step
         new_leaves, new_slots = [], []
         with _xp.no_grad(xp):
             i = 0
             for hp, (lv, _) in zip(groups, flat):
                 hp_k = _at_step(hp, k, self.rule.schedulable)
-                for p in lv:
-                    new_p, new_s = self._step_one(xp, p, grad_leaves[i], state.slots[i], hp_k, k)
-                    new_leaves.append(new_p)
-                    new_slots.append(new_s)
-                    i += 1
+                g_lv, s_lv = grad_leaves[i : i + len(lv)], state.slots[i : i + len(lv)]
+                if fast is not None:  # a fused group step: same math, fewer passes
+                    ps, ss = fast(xp, lv, g_lv, s_lv, hp_k, k)
+                else:
+                    ps, ss = [], []
+                    for p, g, s in zip(lv, g_lv, s_lv):
+                        new_p, new_s = self._step_one(xp, p, g, s, hp_k, k)
+                        ps.append(new_p)
+                        ss.append(new_s)
+                new_leaves.extend(ps)
+                new_slots.extend(ss)
+                i += len(lv)
 
         new_trees, start = [], 0
         for lv, structure in flat:

@@ -1,0 +1,246 @@
+"""The one table of optimizer configurations that every conformance check runs.
+
+Data only: a :class:`Case` is ``(id, name, hyperparams, groups)`` with ``name`` a key of
+``polyopt.OPTIMIZERS``. A schedule is written as a :class:`Sched` spec (the name of a
+``polyopt.schedules`` function and its arguments) so a test can build the same schedule
+in another library (torch's LR schedulers, a hand-written reference) with
+:func:`resolve_hyperparams`. :func:`make_problem` gives deterministic params and
+gradient sequences. Adding an optimizer or option means adding a row here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import schedules
+
+
+@dataclass(frozen=True)
+class Sched:
+    """A schedule spec: ``kind`` names a polyopt.schedules function, ``args`` its kwargs."""
+
+    kind: str
+    args: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One optimizer configuration. ``groups``: per-group overrides; when given, the
+    problem's arrays are split into ``len(groups)`` torch-style parameter groups."""
+
+    id: str
+    name: str
+    hyperparams: dict = field(default_factory=dict)
+    groups: tuple = ()
+
+
+def S(kind: str, **args: Any) -> Sched:
+    return Sched(kind, args)
+
+
+_WARMUP_COSINE = S(
+    "join",
+    schedules=(
+        S("linear_warmup", lr=0.01, warmup_steps=10, start_factor=0.1),
+        S("cosine", lr=0.01, T_max=100, eta_min=1e-4),
+    ),
+    boundaries=(10,),
+)
+
+CASES: list[Case] = [
+    # -- SGD -------------------------------------------------------------------------
+    Case("sgd-plain", "sgd", dict(lr=0.05)),
+    Case("sgd-default", "sgd", dict()),
+    Case("sgd-momentum", "sgd", dict(lr=0.05, momentum=0.9)),
+    Case("sgd-dampening", "sgd", dict(lr=0.05, momentum=0.9, dampening=0.3)),
+    Case("sgd-nesterov", "sgd", dict(lr=0.05, momentum=0.9, nesterov=True)),
+    Case("sgd-l2-momentum", "sgd", dict(lr=0.05, momentum=0.9, weight_decay=0.1)),
+    Case("sgd-maximize", "sgd", dict(lr=0.05, maximize=True)),
+    Case(
+        "sgd-nesterov-l2-maximize",
+        "sgd",
+        dict(lr=0.02, momentum=0.8, nesterov=True, weight_decay=0.05, maximize=True),
+    ),
+    Case("sgdw", "sgd", dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=True)),
+    Case(
+        "sgdw-momentum-dampening",
+        "sgd",
+        dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.1, decoupled_weight_decay=True),
+    ),
+    Case(
+        "sgdw-nesterov-maximize-cosine",
+        "sgd",
+        dict(
+            lr=S("cosine", lr=0.05, T_max=40),
+            momentum=0.7,
+            nesterov=True,
+            weight_decay=0.2,
+            maximize=True,
+            decoupled_weight_decay=True,
+        ),
+    ),
+    Case("sgd-cosine", "sgd", dict(lr=S("cosine", lr=0.1, T_max=50, eta_min=1e-3), momentum=0.9)),
+    Case(
+        "sgd-steplr",
+        "sgd",
+        dict(lr=S("step_decay", lr=0.1, step_size=30, gamma=0.5), momentum=0.5, dampening=0.5),
+    ),
+    Case("sgd-constant-schedule", "sgd", dict(lr=S("constant", lr=0.02), weight_decay=0.01)),
+    # -- Adagrad ---------------------------------------------------------------------
+    Case("adagrad-default", "adagrad", dict()),
+    Case("adagrad-lr_decay", "adagrad", dict(lr=0.1, lr_decay=0.01)),
+    Case(
+        "adagrad-l2-init", "adagrad", dict(lr=0.1, weight_decay=0.1, initial_accumulator_value=0.5)
+    ),
+    Case(
+        "adagrad-eps-maximize-l2",
+        "adagrad",
+        dict(lr=0.1, eps=1e-3, weight_decay=0.05, maximize=True),
+    ),
+    Case(
+        "adagrad-exponential",
+        "adagrad",
+        dict(lr=S("exponential", lr=0.1, gamma=0.98), lr_decay=0.005),
+    ),
+    # -- RMSprop ---------------------------------------------------------------------
+    Case("rmsprop-default", "rmsprop", dict()),
+    Case("rmsprop-alpha-eps", "rmsprop", dict(lr=0.01, alpha=0.9, eps=1e-4)),
+    Case("rmsprop-momentum", "rmsprop", dict(lr=0.005, momentum=0.9)),
+    Case("rmsprop-centered", "rmsprop", dict(lr=0.005, centered=True)),
+    Case(
+        "rmsprop-centered-momentum-l2-maximize",
+        "rmsprop",
+        dict(lr=0.005, centered=True, momentum=0.5, weight_decay=0.1, maximize=True),
+    ),
+    Case(
+        "rmsprop-warm-restarts",
+        "rmsprop",
+        dict(lr=S("cosine_warm_restarts", lr=0.01, T_0=10, T_mult=2, eta_min=1e-4), momentum=0.3),
+    ),
+    # -- Adadelta --------------------------------------------------------------------
+    Case("adadelta-default", "adadelta", dict()),
+    Case("adadelta-lr-rho-eps", "adadelta", dict(lr=0.5, rho=0.5, eps=1e-4)),
+    Case("adadelta-l2-maximize", "adadelta", dict(weight_decay=0.1, maximize=True)),
+    Case("adadelta-linear", "adadelta", dict(lr=S("linear", start=1.0, end=0.1, steps=80))),
+    # -- Adam ------------------------------------------------------------------------
+    Case("adam-default", "adam", dict()),
+    Case("adam-betas-eps", "adam", dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6)),
+    Case("adam-l2", "adam", dict(lr=0.01, weight_decay=0.1)),
+    Case("adam-amsgrad", "adam", dict(lr=0.01, amsgrad=True)),
+    Case(
+        "adam-amsgrad-l2-maximize",
+        "adam",
+        dict(lr=0.01, amsgrad=True, weight_decay=0.05, maximize=True),
+    ),
+    Case("adam-decoupled", "adam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    Case("adam-warmup-cosine", "adam", dict(lr=_WARMUP_COSINE)),
+    Case(
+        "adam-l2-wd-schedule",
+        "adam",
+        dict(lr=0.01, weight_decay=S("step_decay", lr=0.1, step_size=40, gamma=0.5)),
+    ),
+    # -- AdamW -----------------------------------------------------------------------
+    Case("adamw-default", "adamw", dict()),
+    Case("adamw-wd", "adamw", dict(lr=0.01, weight_decay=0.1)),
+    Case(
+        "adamw-amsgrad-maximize-betas-eps",
+        "adamw",
+        dict(
+            lr=0.01, betas=(0.85, 0.995), eps=1e-6, weight_decay=0.05, amsgrad=True, maximize=True
+        ),
+    ),
+    Case("adamw-coupled", "adamw", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=False)),
+    Case("adamw-cosine", "adamw", dict(lr=S("cosine", lr=0.01, T_max=100), weight_decay=0.1)),
+    Case(
+        "adamw-warm-restarts",
+        "adamw",
+        dict(lr=S("cosine_warm_restarts", lr=0.01, T_0=20), weight_decay=0.05),
+    ),
+    Case("adamw-warmup-cosine", "adamw", dict(lr=_WARMUP_COSINE, weight_decay=0.1)),
+    Case(
+        "adamw-wd-schedule",
+        "adamw",
+        dict(
+            lr=S("cosine", lr=0.01, T_max=60, eta_min=1e-3),
+            weight_decay=S("exponential", lr=0.2, gamma=0.97),
+        ),
+    ),
+]
+
+CASES += [
+    # -- parameter groups (torch convention): per-group overrides ----------------------
+    Case(
+        "adamw-groups-no-decay",
+        "adamw",
+        dict(lr=0.01, weight_decay=0.1),
+        groups=(dict(), dict(weight_decay=0.0)),
+    ),
+    Case(
+        "sgd-groups-lr-momentum",
+        "sgd",
+        dict(lr=0.05, momentum=0.9),
+        groups=(dict(lr=0.01), dict(nesterov=True)),
+    ),
+    Case(
+        "rmsprop-groups-centered",
+        "rmsprop",
+        dict(lr=0.005),
+        groups=(dict(centered=True), dict(momentum=0.5, lr=S("cosine", lr=0.01, T_max=30))),
+    ),
+]
+
+CASE_IDS = [c.id for c in CASES]
+
+
+def resolve(value: Any, build: Callable[..., Any]) -> Any:
+    """Turn every :class:`Sched` inside ``value`` into ``build(kind, **args)``."""
+    if isinstance(value, Sched):
+        return build(value.kind, **{k: resolve(v, build) for k, v in value.args.items()})
+    if isinstance(value, tuple) and any(isinstance(v, Sched) for v in value):
+        return tuple(resolve(v, build) for v in value)
+    return value
+
+
+def resolve_hyperparams(case: Case, build: Callable[..., Any]) -> dict:
+    return {k: resolve(v, build) for k, v in case.hyperparams.items()}
+
+
+def polyopt_schedule(kind: str, **args: Any) -> Any:
+    """Build a polyopt schedule from a spec."""
+    return getattr(schedules, kind)(**args)
+
+
+def polyopt_hyperparams(case: Case) -> dict:
+    return resolve_hyperparams(case, polyopt_schedule)
+
+
+# --------------------------------------------------------------------------------------
+# Deterministic problems
+# --------------------------------------------------------------------------------------
+
+SHAPES: tuple[tuple[int, ...], ...] = ((), (0,), (7,), (3, 4))
+
+
+def make_problem(steps: int, seed: int = 20240607, shapes=SHAPES) -> tuple[list, list]:
+    """``(params, grads)``: float64 arrays of ``shapes`` and ``steps`` lists of gradients.
+
+    Gradients vary in scale from step to step (0.1 to ~3) and the (7,)-array gets exact
+    zero entries on some steps, so zero gradients and changing magnitudes are exercised.
+    All are ``np.ndarray`` (0-d arrays included), from a fixed-seed Generator.
+    """
+    rng = np.random.default_rng(seed)
+    params = [np.asarray(rng.standard_normal(s), dtype=np.float64) for s in shapes]
+    grads = []
+    for k in range(steps):
+        scale = 10.0 ** rng.uniform(-1.0, 0.5)
+        gs = [np.asarray(scale * rng.standard_normal(s), dtype=np.float64) for s in shapes]
+        if k % 10 == 3:
+            for g in gs:
+                if g.ndim == 1 and g.size:
+                    g[::3] = 0.0
+        grads.append(gs)
+    return params, grads

@@ -1,0 +1,429 @@
+"""The conformance matrix: case × backend × dtype × implementation.
+
+Each cell runs a case on one backend for a few steps and compares the params **and
+every state entry** after every step with the NumPy float64 reference (polyopt's generic
+path on NumPy in float64, itself held to an independent reference and to torch.optim by
+the test suite), started from the same inputs rounded to the cell's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import OPTIMIZERS, _tree, backends
+from ._cases import CASES, Case, make_problem, polyopt_hyperparams
+
+# -- tolerances: the one place -------------------------------------------------------
+
+#: Largest allowed error per dtype: max |actual - reference| / max |reference|, taken per
+#: array and per state entry after every step. Half precision stores params and state
+#: with 8 (bfloat16) or 11 (float16) significant bits, so rounding accumulates per step.
+TOLERANCES = {"float64": 1e-10, "float32": 1e-4, "float16": 4e-2, "bfloat16": 6e-2}
+#: Steps per cell: enough for bias corrections, momentum and schedules to matter.
+STEPS = {"float64": 12, "float32": 12, "float16": 6, "bfloat16": 6}
+DTYPES = tuple(TOLERANCES)
+IMPLS = ("generic", "fused")
+
+
+# -- conversion and comparison ---------------------------------------------------------
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Any supported array as a float64 NumPy array (copied off the device if needed)."""
+    mod = type(x).__module__.split(".")[0]
+    if mod == "torch":
+        import torch
+
+        return x.detach().to("cpu", torch.float64).numpy()
+    if mod == "cupy":
+        return x.get().astype(np.float64)
+    if mod == "dask":
+        return np.asarray(x.compute(), dtype=np.float64)
+    if mod == "array_api_strict":
+        return np.from_dlpack(x).astype(np.float64)
+    return np.asarray(x, dtype=np.float64)
+
+
+def max_error(actual: Any, desired: Any) -> float:
+    """``max |actual - desired| / max |desired|`` in float64 (0 for empty arrays)."""
+    a, d = to_numpy(actual), to_numpy(desired)
+    if a.shape != d.shape:
+        raise AssertionError(f"shape {a.shape} differs from the reference's {d.shape}")
+    if a.size == 0:
+        return 0.0
+    scale = float(np.max(np.abs(d)))
+    diff = float(np.max(np.abs(a - d)))
+    if not np.all(np.isfinite(a)):
+        return float("inf")
+    return diff / scale if scale > 0 else diff
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` rounded to ``dtype`` and back to float64 (bfloat16: round to nearest even)."""
+    if dtype == "bfloat16":
+        u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        u = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+        return u.view(np.float32).astype(np.float64).reshape(np.shape(x))
+    return np.asarray(x, dtype=dtype).astype(np.float64)
+
+
+# -- backends --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How the matrix makes arrays of one library on one device.
+
+    ``form``: "stateful" runs ``polyopt.<Class>(params).step`` (in place: the path NumPy,
+    CuPy and torch users take); "jit" runs the functional form under ``jax.jit``;
+    "functional" runs it eagerly.
+    """
+
+    name: str
+    module: str
+    device: str
+    dtypes: tuple[str, ...]
+    form: str
+    strided: bool  # whether the library has non-contiguous views to test
+
+    @property
+    def label(self) -> str:
+        return self.name if self.device == "cpu" else f"{self.name}-{self.device}"
+
+    def missing(self) -> str | None:
+        """Why this backend cannot run here, or None."""
+        if importlib.util.find_spec(self.module) is None:
+            req = {"array_api_strict": "strict", "dask": "numpy (+ dask)"}.get(self.name, self.name)
+            return f"{self.module} is not installed (pip install -r backends/{req}.txt)"
+        if self.device == "cuda":
+            if self.name == "torch":
+                import torch
+
+                if not torch.cuda.is_available():
+                    return "no CUDA device"
+            if self.name == "cupy":
+                try:
+                    import cupy
+
+                    if cupy.cuda.runtime.getDeviceCount() < 1:
+                        return "no CUDA device"
+                except Exception as e:  # no driver / runtime
+                    return f"no CUDA device ({type(e).__name__})"
+        return None
+
+    def dtype_missing(self, dtype: str) -> str | None:
+        if dtype not in self.dtypes:
+            return f"{self.name} has no {dtype}"
+        if self.name == "jax" and dtype == "float64":
+            import jax
+
+            if not jax.config.jax_enable_x64:
+                return "JAX x64 is off: float64 would run as float32 (set JAX_ENABLE_X64=1)"
+        return None
+
+    def array(self, x: np.ndarray, dtype: str, strided: bool) -> Any:
+        """``x`` (float64, already rounded to ``dtype``) as this library's array: a new
+        buffer (torch.asarray would share the NumPy buffer, and steps write in place)."""
+        mod = importlib.import_module(self.module)
+        x = np.array(x, copy=True)
+        if self.name in ("numpy", "cupy"):
+            out = mod.asarray(x.astype(dtype))
+            return _strided(mod, out) if strided else out
+        if self.name == "torch":
+            t = mod.asarray(x, dtype=getattr(mod, dtype), device=self.device)
+            return _strided(mod, t) if strided else t
+        if self.name == "jax":
+            import jax.numpy as jnp
+
+            return jnp.asarray(
+                x.astype(np.float32 if dtype == "bfloat16" else dtype), dtype=getattr(jnp, dtype)
+            )
+        if self.name == "array_api_strict":
+            return mod.asarray(x.astype(dtype), dtype=getattr(mod, dtype))
+        if self.name == "dask":
+            import dask.array as da
+
+            return da.from_array(x.astype(dtype), chunks=max(1, x.shape[0] // 2) if x.ndim else ())
+        raise ValueError(f"unknown backend {self.name!r}")
+
+
+def _strided(mod: Any, a: Any) -> Any:
+    """A non-contiguous view holding ``a``'s values (every other element of a buffer)."""
+    if a.ndim == 0 or a.shape[-1] == 0:
+        return a
+    shape = tuple(a.shape[:-1]) + (2 * a.shape[-1],)
+    if mod.__name__ == "torch":
+        buf = mod.zeros(shape, dtype=a.dtype, device=a.device)
+    else:
+        buf = mod.zeros(shape, dtype=a.dtype)
+    view = buf[..., ::2]
+    view[...] = a
+    return view
+
+
+BACKENDS: tuple[Backend, ...] = (
+    Backend("numpy", "numpy", "cpu", ("float64", "float32", "float16"), "stateful", True),
+    Backend("torch", "torch", "cpu", DTYPES, "stateful", True),
+    Backend("torch", "torch", "cuda", DTYPES, "stateful", True),
+    Backend("jax", "jax", "cpu", DTYPES, "jit", False),
+    Backend("cupy", "cupy", "cuda", ("float64", "float32", "float16"), "stateful", True),
+    Backend(
+        "array_api_strict", "array_api_strict", "cpu", ("float64", "float32"), "stateful", False
+    ),
+    Backend("dask", "dask", "cpu", ("float64", "float32"), "functional", False),
+)
+
+
+# -- cells -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    case: Case
+    backend: Backend
+    dtype: str
+    impl: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.case.id}-{self.backend.label}-{self.dtype}-{self.impl}"
+
+
+@dataclass
+class Result:
+    cell: Cell
+    status: str  # "pass" | "fail" | "skip"
+    error: float = 0.0  # largest error seen (see TOLERANCES)
+    where: str = ""  # which array / state entry / step gave it
+    reason: str = ""  # why skipped or failed
+
+
+def cells(
+    backends_: Iterable[str] | None = None,
+    dtypes: Iterable[str] | None = None,
+    impls: Iterable[str] = IMPLS,
+    cases: Iterable[Case] | None = None,
+) -> list[Cell]:
+    """Every cell of the matrix (filtered by backend labels/names, dtypes, impls)."""
+    chosen = [
+        b for b in BACKENDS if backends_ is None or b.name in backends_ or b.label in backends_
+    ]
+    return [
+        Cell(c, b, d, i)
+        for c in (CASES if cases is None else cases)
+        for b in chosen
+        for d in (DTYPES if dtypes is None else dtypes)
+        for i in impls
+    ]
+
+
+def _grouped(case: Case, leaves: list) -> Any:
+    """The params as the case gives them: a list, or torch-style groups."""
+    if not case.groups:
+        return list(leaves)
+    n = len(case.groups)
+    cut = [round(i * len(leaves) / n) for i in range(n + 1)]
+    return [
+        {"params": list(leaves[cut[i] : cut[i + 1]]), **_resolve(o)}
+        for i, o in enumerate(case.groups)
+    ]
+
+
+def _resolve(overrides: dict) -> dict:
+    from ._cases import polyopt_schedule, resolve
+
+    return {k: resolve(v, polyopt_schedule) for k, v in overrides.items()}
+
+
+def _grad_tree(case: Case, grads: list) -> Any:
+    params_form = _grouped(case, grads)
+    return [g["params"] for g in params_form] if case.groups else params_form
+
+
+@functools.lru_cache(maxsize=None)
+def _problem(dtype: str) -> tuple[list, list]:
+    p0, gs = make_problem(max(STEPS.values()))
+    return [round_to(p, dtype) for p in p0], [[round_to(g, dtype) for g in step] for step in gs]
+
+
+_REFERENCES: dict[tuple[str, str], list] = {}
+
+
+def reference(case: Case, dtype: str) -> list[tuple[list, tuple]]:
+    """The NumPy float64 trajectory for ``case`` from inputs rounded to ``dtype``:
+    ``[(params, slots)]`` after each step (slots as in ``OptState.slots``). Cached."""
+    key = (case.id, dtype)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _reference(case, dtype)
+    return _REFERENCES[key]
+
+
+def _reference(case: Case, dtype: str) -> list[tuple[list, tuple]]:
+    factory = OPTIMIZERS[case.name][0]
+    opt = factory(**polyopt_hyperparams(case), impl="generic")
+    p0, gs = _problem(dtype)
+    params = _grouped(case, [p.copy() for p in p0])
+    state = opt.init(params)
+    out = []
+    for k in range(STEPS[dtype]):
+        params, state = opt.update(params, _grad_tree(case, gs[k]), state)
+        out.append((_leaves(case, params), state.slots))
+    return out
+
+
+def _static_groups(update: Callable, groups: list) -> Callable:
+    """Under jit, group hyperparameters must stay Python values: close over them and
+    pass only the arrays (what a JAX user with parameter groups writes)."""
+    overrides = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+
+    def update_arrays(params, grads, state):
+        trees = [g["params"] for g in params]
+        new, state = update([{"params": t, **o} for t, o in zip(trees, overrides)], grads, state)
+        return [{"params": g["params"]} for g in new], state
+
+    return update_arrays
+
+
+def _leaves(case: Case, params: Any) -> list:
+    trees = [g["params"] for g in params] if case.groups else [params]
+    return [leaf for t in trees for leaf in _tree.flatten(t)[0]]
+
+
+def skip_reason(cell: Cell) -> str | None:
+    b = cell.backend
+    reason = b.missing() or b.dtype_missing(cell.dtype)
+    if reason:
+        return reason
+    if cell.impl == "fused":
+        rule = OPTIMIZERS[cell.case.name][0]().rule.name
+        if not backends.available(rule, b.name):
+            return f"no fused {rule} path for {b.name}"
+    return None
+
+
+def run_cell(cell: Cell) -> Result:
+    """Run one cell; never raises for a failing comparison (the Result says so)."""
+    reason = skip_reason(cell)
+    if reason:
+        return Result(cell, "skip", reason=reason)
+    try:
+        return _run(cell)
+    except Exception as e:  # a crash is a failure of the cell, reported with its cause
+        return Result(cell, "fail", float("inf"), reason=f"{type(e).__name__}: {e}")
+
+
+def _run(cell: Cell) -> Result:
+    case, b, dtype = cell.case, cell.backend, cell.dtype
+    factory, cls = OPTIMIZERS[case.name]
+    hp = polyopt_hyperparams(case)
+    p0, gs = _problem(dtype)
+    leaves = [b.array(p, dtype, strided=b.strided and p.ndim == 2) for p in p0]
+    params = _grouped(case, leaves)
+    step: Callable
+    if b.form == "stateful":
+        opt = cls(params, **hp, impl=cell.impl)
+
+        def step(g):
+            opt.step(g)
+            return _leaves(case, opt.params), opt.state.slots
+    else:
+        fopt = factory(**hp, impl=cell.impl)
+        update = fopt.update
+        if b.form == "jit":
+            import jax
+
+            update = jax.jit(_static_groups(fopt.update, params) if case.groups else update)
+        holder = {"params": params, "state": fopt.init(params)}
+        if b.form == "jit" and case.groups:
+            holder["params"] = [{"params": g["params"]} for g in params]
+
+        def step(g):
+            holder["params"], holder["state"] = update(holder["params"], g, holder["state"])
+            return _leaves(case, holder["params"]), holder["state"].slots
+
+    tol, worst, where = TOLERANCES[dtype], 0.0, ""
+    ref = reference(case, dtype)
+    for k in range(STEPS[dtype]):
+        grads = _grad_tree(case, [b.array(g, dtype, strided=False) for g in gs[k]])
+        got_p, got_s = step(grads)
+        ref_p, ref_s = ref[k]
+        checks = [(f"params[{i}]", a, r) for i, (a, r) in enumerate(zip(got_p, ref_p))]
+        for i, (sa, sr) in enumerate(zip(got_s, ref_s)):
+            if set(sa) != set(sr):
+                raise AssertionError(f"state[{i}] holds {sorted(sa)}, reference {sorted(sr)}")
+            checks += [(f"state[{i}][{n!r}]", sa[n], sr[n]) for n in sr]
+        for i, (a, before) in enumerate(zip(got_p, leaves)):
+            if str(a.dtype) != str(before.dtype):
+                return Result(cell, "fail", float("inf"), f"params[{i}]", f"dtype became {a.dtype}")
+        for what, a, r in checks:
+            e = max_error(a, r)
+            if not e <= worst:
+                worst, where = e, f"{what} after step {k + 1}"
+    status = "pass" if worst <= tol else "fail"
+    reason = "" if status == "pass" else f"error {worst:.3g} > tolerance {tol:g} at {where}"
+    return Result(cell, status, worst, where, reason)
+
+
+def run(cells_: Iterable[Cell], progress: Callable[[Result], None] | None = None) -> list[Result]:
+    out = []
+    for c in cells_:
+        r = run_cell(c)
+        if progress:
+            progress(r)
+        out.append(r)
+    return out
+
+
+# -- reports ---------------------------------------------------------------------------
+
+
+def table(results: list[Result]) -> str:
+    """backend × optimizer: passed / failed / skipped cells and the largest error."""
+    names = sorted({r.cell.case.name for r in results}, key=list(OPTIMIZERS).index)
+    labels = list(dict.fromkeys(r.cell.backend.label for r in results))
+    rows = [["backend", *names]]
+    for lab in labels:
+        row = [lab]
+        for n in names:
+            rs = [r for r in results if r.cell.backend.label == lab and r.cell.case.name == n]
+            row.append(_summary(rs))
+        rows.append(row)
+    return _format(rows)
+
+
+def dtype_table(results: list[Result]) -> str:
+    """backend × dtype: cells run, failures, largest error and its tolerance."""
+    labels = list(dict.fromkeys(r.cell.backend.label for r in results))
+    dtypes = [d for d in DTYPES if any(r.cell.dtype == d for r in results)]
+    rows = [["backend", *[f"{d} (tol {TOLERANCES[d]:g})" for d in dtypes]]]
+    for lab in labels:
+        row = [lab]
+        for d in dtypes:
+            rs = [r for r in results if r.cell.backend.label == lab and r.cell.dtype == d]
+            row.append(_summary(rs))
+        rows.append(row)
+    return _format(rows)
+
+
+def _summary(rs: list[Result]) -> str:
+    ran = [r for r in rs if r.status != "skip"]
+    if not ran:
+        return "skipped"
+    failed = sum(r.status == "fail" for r in ran)
+    err = max(r.error for r in ran)
+    mark = "FAIL" if failed else "pass"
+    return f"{mark} {len(ran) - failed}/{len(ran)} {err:.1e}"
+
+
+def _format(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
