@@ -6,14 +6,9 @@ from __future__ import annotations
 
 from polyopt.testing._cases import (  # noqa: F401
     CASES as ALL_CASES,
-    SHAPES,
+)
+from polyopt.testing._cases import (
     Case,
-    S,
-    Sched,
-    make_problem,
-    polyopt_hyperparams,
-    polyopt_schedule,
-    resolve,
     resolve_hyperparams,
 )
 

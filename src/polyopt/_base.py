@@ -120,6 +120,11 @@ class Optimizer:
         xp = _xp.namespace(leaves, what)
         _xp.check_same_device(leaves, what)
         for i, p in enumerate(leaves):
+            if any(d is None or d != d for d in p.shape):  # None or NaN: dask's unknown size
+                raise ValueError(
+                    f"{what} leaf {i} has unknown shape {tuple(p.shape)}; give arrays of known "
+                    "shape (dask: call .compute_chunk_sizes() first)"
+                )
             if not xp.isdtype(p.dtype, "real floating"):
                 raise TypeError(
                     f"{what} leaf {i} has dtype {p.dtype}; optimizers need floating-point arrays"
@@ -138,6 +143,7 @@ class Optimizer:
         flat = [_tree.flatten(t) for t in trees]
         leaves = [leaf for lv, _ in flat for leaf in lv]
         xp = self._check_arrays(leaves, "params")
+        backends.lookup(self.rule.name, _xp.backend_name(leaves[0]), self.impl)  # fused exists?
         slots = []
         with _xp.no_grad(xp):
             for gi, (hp, (lv, _)) in enumerate(zip(groups, flat)):
@@ -469,8 +475,8 @@ class StatefulOptimizer:
                         f"state_dict['state'][{i}][{name!r}] has shape {tuple(a.shape)} and dtype "
                         f"{a.dtype}, expected shape {tuple(p.shape)} and dtype {p.dtype}"
                     )
-        dev = _xp.device_of(leaves[0][0])
-        for i in range(len(leaves)):
+        for i, (p, _) in enumerate(leaves):
+            dev = _xp.device_of(p)  # each slot where its param lives (a JAX sharding too)
             slots.append(
                 {n: _xp.copy(xp, xp.asarray(a, device=dev)) for n, a in saved_state[i].items()}
             )
@@ -508,6 +514,15 @@ def stateful(factory: Callable[..., Optimizer], name: str) -> type:
 def scalar_sqrt(x: Any, xp: Any) -> Any:
     """sqrt of a host float or of a 0-d array (jit path)."""
     return math.sqrt(x) if _xp.is_python_scalar(x) else xp.sqrt(x)
+
+
+def bias_correction(beta: float, t: Any, xp: Any) -> Any:
+    """``1 - beta**t``: float64 on the host for an int step; for an array step (jit) as
+    ``-expm1(t·log(beta))`` with log(beta) taken in float64, which keeps float32's
+    relative accuracy where ``1 - beta**t`` would cancel (beta = 0.999, small t)."""
+    if _xp.is_python_scalar(t) or beta == 0:  # log(0) is undefined; 1 - 0**t = 1
+        return 1 - beta**t
+    return -xp.expm1(t * math.log(beta))
 
 
 def after_first(t: Any, xp: Any) -> Any:

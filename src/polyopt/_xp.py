@@ -52,14 +52,25 @@ def namespace(arrays: list, what: str) -> Any:
         ) from None
 
 
+def _device_key(x: Any) -> Any:
+    """What must match across arrays: the device; for JAX the set of devices an array
+    lives on (a sharded and a replicated array on one mesh go together)."""
+    if _compat.is_jax_array(x):
+        try:
+            return frozenset(x.devices())
+        except Exception:  # a tracer under jit: placement is XLA's business
+            return None
+    return _compat.device(x)
+
+
 def check_same_device(arrays: list, what: str) -> None:
     """Raise ValueError naming the devices if ``arrays`` do not all live on one device."""
     if len(arrays) < 2:
         return
-    first = _compat.device(arrays[0])
+    first = _device_key(arrays[0])
     for i, a in enumerate(arrays[1:], start=1):
-        d = _compat.device(a)
-        if d != first:
+        d = _device_key(a)
+        if d is not None and first is not None and d != first:
             raise ValueError(
                 f"{what} live on different devices: leaf 0 on {first!r}, leaf {i} on {d!r}"
             )
@@ -97,8 +108,10 @@ def no_grad(xp: Any):
 
 
 def writable(xp: Any) -> bool:
-    """Whether arrays of this namespace can be updated in place (JAX arrays cannot)."""
-    return not is_jax(xp)
+    """Whether the stateful form should write into the user's arrays. JAX arrays are
+    immutable; dask's ``x[...] = y`` keeps the old graph inside the new one, so its
+    graph would grow quadratically with the steps: both hold the new arrays instead."""
+    return not (is_jax(xp) or _compat.is_dask_namespace(xp))
 
 
 def write_into(xp: Any, dst: Any, src: Any) -> None:

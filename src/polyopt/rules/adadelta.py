@@ -55,9 +55,12 @@ def adadelta(
         u_t  = ρ u_{t-1} + (1 - ρ) Δ_t²
         p_t  = p_{t-1} - γ_t Δ_t
 
-    The paper has no learning rate (γ = 1, torch's default). optax's ``adadelta`` and
-    Keras (ρ = 0.95, ε = 1e-7, learning_rate = 0.001) use the same update with other
-    defaults.
+    The paper has no learning rate (γ = 1, torch's default). optax's ``adadelta`` is the
+    same update with the same ρ = 0.9, ε = 1e-6 and coupled ``weight_decay``; pass it
+    ``learning_rate=1.0``: its default ``learning_rate=None`` applies no scaling *and no
+    sign flip*, so ``optax.adadelta()`` ascends the gradient (it equals
+    ``adadelta(maximize=True)`` here). Keras uses the same update with other defaults
+    (ρ = 0.95, ε = 1e-7, learning_rate = 0.001).
 
     State per array: ``square_avg`` (v), ``acc_delta`` (u).
 

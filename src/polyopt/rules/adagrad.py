@@ -69,8 +69,11 @@ def adagrad(
     Conventions elsewhere: optax's ``adagrad`` starts the accumulator at 0.1 and puts
     ε *inside* the square root (``g / sqrt(s + ε)``, ε = 1e-7); Keras also starts at 0.1
     and adds ε = 1e-7 outside. To match their start use
-    ``initial_accumulator_value=0.1``; ε inside the root differs by at most ε/(2 sqrt(s))
-    relative and is not reproduced exactly.
+    ``initial_accumulator_value=0.1``. ε inside the root is not reproduced exactly: it
+    raises the denominator by at most ε/(2 sqrt(s)), i.e. shrinks the step by at most
+    ε/(2s) *relative* (≤ 5e-7 once s ≥ 0.1, so ``initial_accumulator_value=0.1, eps=0``
+    matches optax's defaults to float32 rounding; with ε = 0 on both sides they are the
+    same formula). From a zero start with small gradients ε/(2s) is large.
 
     State per array: ``sum``.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _validate as v
-from .._base import Optimizer, Rule, scalar_sqrt
+from .._base import Optimizer, Rule, bias_correction, scalar_sqrt
 from ._common import make, on
 
 DEFAULTS = dict(
@@ -42,7 +42,7 @@ def _step(p, g, s, hp, t, xp):
         g = -g
     if on(wd):
         if hp["decoupled_weight_decay"]:
-            p = p * (1 - lr * wd)
+            p = p - (lr * wd) * p  # = p·(1 − lr·λ) without rounding 1 − lr·λ to p.dtype
         else:
             g = g + wd * p
     m = b1 * s["exp_avg"] + (1 - b1) * g
@@ -51,8 +51,8 @@ def _step(p, g, s, hp, t, xp):
     if hp["amsgrad"]:
         v2 = xp.maximum(s["max_exp_avg_sq"], v2)
         out["max_exp_avg_sq"] = v2
-    bias1 = 1 - b1**t
-    bias2_sqrt = scalar_sqrt(1 - b2**t, xp)
+    bias1 = bias_correction(b1, t, xp)
+    bias2_sqrt = scalar_sqrt(bias_correction(b2, t, xp), xp)
     denom = xp.sqrt(v2) / bias2_sqrt + eps
     return p - (lr / bias1) * (m / denom), out
 
@@ -96,8 +96,17 @@ def adam(
     root the same way (``eps_root=0``) and has no coupled decay (chain
     ``optax.add_decayed_weights`` *before* ``scale_by_adam`` to get it). Keras adds
     ``epsilon`` to the *uncorrected* ``sqrt(v_t)`` with default 1e-7; to reproduce Keras
-    use ``eps=keras_eps / sqrt(1 - β2^t)``, which is step-dependent, so the two agree
-    only approximately after the first steps.
+    use ``eps=keras_eps / sqrt(1 - β2^t)``, which is step-dependent: a constant
+    ``eps = keras_eps / sqrt(1 - β2)`` matches Keras's first step exactly (with 1 - β2 as
+    the compute dtype rounds it: 9.9998713e-4 for β2 = 0.999 in float32), after which
+    Keras's effective ε shrinks towards ``keras_eps`` and the two drift apart where
+    |g| is not much larger than ε.
+
+    AMSGrad: torch (and polyopt) keep the running maximum of the raw v_t and divide it
+    by (1 - β2^t); optax's ``amsgrad`` keeps the maximum of the bias-corrected
+    v_s / (1 - β2^s), which is never smaller, so its steps are never larger (the first
+    step is the same). ``optax.amsgrad(lambda c: lr * sqrt(1 - β2^(c+1)), eps=0,
+    bias_correction_nu=False)`` is this rule with ``eps=0``.
 
     State per array: ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad).
 

@@ -82,10 +82,12 @@ def rmsprop(
         b_t = μ b_{t-1} + g_t / d_t;  p_t = p_{t-1} - γ_t b_t     (momentum μ > 0)
         p_t = p_{t-1} - γ_t g_t / d_t                              (μ = 0)
 
-    Conventions elsewhere: optax's ``rmsprop`` puts ε *inside* the root
-    (``sqrt(v + ε)``, default 1e-8) and Keras (rho=0.9, ε=1e-7) adds it outside like
-    torch; Keras's momentum puts the learning rate inside the velocity. torch's
-    ``alpha`` is Keras's ``rho`` and optax's ``decay``.
+    Conventions elsewhere: optax's ``rmsprop`` puts ε *inside* the root by default
+    (``sqrt(v + ε)``, ε = 1e-8; ``eps_in_sqrt=False`` puts it outside like torch) and
+    defaults to ``decay=0.9``; Keras (rho=0.9, ε=1e-7) adds ε outside like torch. Both
+    optax's and Keras's momentum put the learning rate inside the velocity: the same
+    trajectory for a constant lr, not once the lr changes. torch's ``alpha`` is Keras's
+    ``rho`` and optax's ``decay``.
 
     State per array: ``square_avg``, and ``momentum_buffer`` / ``grad_avg`` when used.
 

@@ -44,7 +44,7 @@ def _step(p, g, s, hp, t, xp):
         g = -g
     if on(wd):
         if hp["decoupled_weight_decay"]:
-            p = p * (1 - lr * wd)
+            p = p - (lr * wd) * p  # = p·(1 − lr·λ) without rounding 1 − lr·λ to p.dtype
         else:
             g = g + wd * p
     out = {}
@@ -88,7 +88,8 @@ def sgd(
     Conventions elsewhere: Keras puts the learning rate inside the velocity
     (``v ← μ v - γ g; p ← p + v``); with a constant lr this is the same trajectory, with a
     changing lr it is not. optax's ``sgd`` (``trace``) has no dampening and starts the
-    buffer at zero, which with τ = 0 is the same as torch.
+    buffer at zero, which with τ = 0 is the same as torch, Nesterov included; it scales
+    by the lr after the trace, so it matches with a schedule too.
 
     State per array: ``momentum_buffer`` (only if momentum ≠ 0).
 

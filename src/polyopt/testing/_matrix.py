@@ -100,7 +100,9 @@ class Backend:
     def missing(self) -> str | None:
         """Why this backend cannot run here, or None."""
         if importlib.util.find_spec(self.module) is None:
-            req = {"array_api_strict": "strict", "dask": "numpy (+ dask)"}.get(self.name, self.name)
+            if self.name == "dask":
+                return 'dask is not installed (pip install "dask[array]")'
+            req = {"array_api_strict": "strict"}.get(self.name, self.name)
             return f"{self.module} is not installed (pip install -r backends/{req}.txt)"
         if self.device == "cuda":
             if self.name == "torch":
@@ -247,7 +249,7 @@ def _grad_tree(case: Case, grads: list) -> Any:
     return [g["params"] for g in params_form] if case.groups else params_form
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _problem(dtype: str) -> tuple[list, list]:
     p0, gs = make_problem(max(STEPS.values()))
     return [round_to(p, dtype) for p in p0], [[round_to(g, dtype) for g in step] for step in gs]
@@ -346,6 +348,10 @@ def _run(cell: Cell) -> Result:
 
         def step(g):
             holder["params"], holder["state"] = update(holder["params"], g, holder["state"])
+            if b.name == "dask":  # what a dask user does each step: keep the graph short
+                import dask
+
+                holder["params"], holder["state"] = dask.persist(holder["params"], holder["state"])
             return _leaves(case, holder["params"]), holder["state"].slots
 
     tol, worst, where = TOLERANCES[dtype], 0.0, ""

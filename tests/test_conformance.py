@@ -1,0 +1,88 @@
+"""The conformance matrix: every case × backend × dtype × implementation.
+
+Each cell compares params and every state entry after every step with the NumPy
+float64 reference (polyopt.testing); tolerances per dtype live in
+``polyopt.testing.TOLERANCES``. Cells whose library, device, dtype or fused path is
+missing are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import polyopt
+from polyopt import testing
+from polyopt.__main__ import main as cli
+
+CELLS = testing.cells()
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=[c.id for c in CELLS])
+def test_cell(cell):
+    if cell.backend.device == "cuda":
+        pytest.importorskip(cell.backend.module)
+    result = testing.run_cell(cell)
+    if result.status == "skip":
+        pytest.skip(result.reason)
+    assert result.status == "pass", result.reason
+    assert result.error <= testing.TOLERANCES[cell.dtype]
+
+
+def test_matrix_covers_every_optimizer_and_the_shapes_that_break_things():
+    assert {c.name for c in testing.CASES} == set(polyopt.OPTIMIZERS)
+    assert any(c.groups for c in testing.CASES)
+    shapes = [p.shape for p in testing.make_problem(1)[0]]
+    assert () in shapes and any(0 in s for s in shapes) and any(len(s) == 2 for s in shapes)
+
+
+def test_strided_views_are_what_the_matrix_claims():
+    numpy = next(b for b in testing.BACKENDS if b.name == "numpy")
+    a = numpy.array(np.arange(12.0).reshape(3, 4), "float64", strided=True)
+    assert not a.flags["C_CONTIGUOUS"] and np.array_equal(a, np.arange(12.0).reshape(3, 4))
+
+
+def test_a_wrong_result_fails_its_cell(monkeypatch):
+    """The matrix can fail: corrupt the reference and the cell must report it."""
+    case = next(c for c in testing.CASES if c.id == "adam-default")
+    numpy = next(b for b in testing.BACKENDS if b.name == "numpy")
+    cell = testing.Cell(case, numpy, "float64", "generic")
+    good = testing.reference(case, "float64")
+    bad = [([p * (1 + 1e-6) for p in params], slots) for params, slots in good]
+    monkeypatch.setitem(testing._matrix._REFERENCES, (case.id, "float64"), bad)
+    result = testing.run_cell(cell)
+    assert result.status == "fail" and "params" in result.where
+
+
+def test_cli_prints_the_table_and_exits_zero(capsys):
+    assert cli(["conformance", "--backend", "numpy", "--optimizer", "adamw"]) == 0
+    out = capsys.readouterr().out
+    assert "numpy" in out and "adamw" in out and "pass" in out and "0 failed" in out
+
+
+def test_cli_exits_nonzero_on_a_failure(monkeypatch, capsys):
+    monkeypatch.setitem(testing.TOLERANCES, "float32", 0.0)
+    assert (
+        cli(["conformance", "--backend", "numpy", "--optimizer", "sgd", "--dtype", "float32"]) == 1
+    )
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_assert_close_checks_shape_dtype_then_values():
+    ref = np.array([1.0, 2.0])
+    testing.assert_close(np.float32([1.0, 2.0]), ref, dtype="float32")
+    with pytest.raises(AssertionError, match="shape"):
+        testing.assert_close(np.ones(3), ref)
+    with pytest.raises(AssertionError, match="dtype"):
+        testing.assert_close(np.ones(2), ref, dtype="float32")
+    with pytest.raises(AssertionError, match="tolerance"):
+        testing.assert_close(np.array([1.0, 2.1]), ref)
+
+
+def test_fused_without_a_fast_path_is_a_clear_error():
+    with pytest.raises(ValueError, match="impl='fused'.*no fused adamw step for numpy"):
+        polyopt.AdamW(np.ones(3), impl="fused")
+    with pytest.raises(ValueError, match="impl='fused'"):
+        polyopt.sgd(impl="fused").init([np.ones(3)])
+    with pytest.raises(ValueError, match="impl must be one of"):
+        polyopt.sgd(impl="fast")
