@@ -4,13 +4,36 @@ what only the tests need (the independent reference's schedules)."""
 
 from __future__ import annotations
 
-from polyopt.testing._cases import (  # noqa: F401
+from polyopt.testing._cases import (
     CASES as ALL_CASES,
 )
 from polyopt.testing._cases import (
+    SHAPES,
     Case,
+    S,
+    Sched,
+    make_problem,
+    polyopt_hyperparams,
+    polyopt_schedule,
+    resolve,
     resolve_hyperparams,
 )
+
+__all__ = [
+    "ALL_CASES",
+    "CASES",
+    "CASE_IDS",
+    "SHAPES",
+    "Case",
+    "S",
+    "Sched",
+    "make_problem",
+    "polyopt_hyperparams",
+    "polyopt_schedule",
+    "reference_hyperparams",
+    "resolve",
+    "resolve_hyperparams",
+]
 
 #: Single-group rows: the per-array reference and torch comparisons. The parameter-group
 #: rows run in the conformance matrix (tests/test_conformance.py) and test_structures.py.
