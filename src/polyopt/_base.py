@@ -143,13 +143,16 @@ class Optimizer:
         flat = [_tree.flatten(t) for t in trees]
         leaves = [leaf for lv, _ in flat for leaf in lv]
         xp = self._check_arrays(leaves, "params")
-        backends.lookup(self.rule.name, _xp.backend_name(leaves[0]), self.impl)  # fused exists?
+        fast = backends.lookup(self.rule.name, _xp.backend_name(leaves[0]), self.impl)
         slots = []
         with _xp.no_grad(xp):
             for gi, (hp, (lv, _)) in enumerate(zip(groups, flat)):
                 _check_eps(xp, hp, lv, _group_label(gi, grouped))
                 hp0 = _at_step(hp, 0, self.rule.schedulable)
-                slots.extend(self.rule.init_slots(p, hp0, xp) for p in lv)
+                if fast is not None and fast.init is not None:  # e.g. flat state buffers
+                    slots.extend(fast.init(xp, lv, self.rule.slots(hp0)))
+                else:
+                    slots.extend(self.rule.init_slots(p, hp0, xp) for p in lv)
         step = xp.asarray(0, dtype=xp.int32) if _xp.is_jax(xp) else 0
         return OptState(step, tuple(slots))
 
@@ -164,9 +167,17 @@ class Optimizer:
         return _tree.join_groups(params, new_trees), new_state
 
     def _apply(
-        self, trees: list, overrides: list[dict], grouped: bool, grads: Any, state: OptState
+        self,
+        trees: list,
+        overrides: list[dict],
+        grouped: bool,
+        grads: Any,
+        state: OptState,
+        inplace: bool = False,
     ) -> tuple[list, OptState]:
-        """``update`` on per-group trees: returns the new trees and state."""
+        """``update`` on per-group trees: returns the new trees and state. ``inplace``
+        (the stateful form, after every check has passed) lets a fast path write into
+        the params and state arrays instead of allocating new ones."""
         groups = self._resolve(overrides, grouped)
         flat = [_tree.flatten(t) for t in trees]
         leaves = [leaf for lv, _ in flat for leaf in lv]
@@ -191,7 +202,7 @@ class Optimizer:
                 hp_k = _at_step(hp, k, self.rule.schedulable)
                 g_lv, s_lv = grad_leaves[i : i + len(lv)], state.slots[i : i + len(lv)]
                 if fast is not None:  # a fused group step: same math, fewer passes
-                    ps, ss = fast(xp, lv, g_lv, s_lv, hp_k, k)
+                    ps, ss = fast.step(xp, lv, g_lv, s_lv, hp_k, k, inplace)
                 else:
                     ps, ss = [], []
                     for p, g, s in zip(lv, g_lv, s_lv):
@@ -362,13 +373,16 @@ class StatefulOptimizer:
         groups = self.param_groups
         trees = [g["params"] for g in groups]
         overrides = [{k: v for k, v in g.items() if k != "params"} for g in groups]
-        new_trees, new_state = self._opt._apply(trees, overrides, self._grouped, grads, self._state)
+        new_trees, new_state = self._opt._apply(
+            trees, overrides, self._grouped, grads, self._state, inplace=_xp.writable(self._xp)
+        )
         xp = self._xp
         if _xp.writable(xp):
             with _xp.no_grad(xp):
                 for old, new in zip(trees, new_trees):
                     for dst, src in zip(_tree.flatten(old)[0], _tree.flatten(new)[0]):
-                        _xp.write_into(xp, dst, src)
+                        if dst is not src:  # a fast path may have written in place already
+                            _xp.write_into(xp, dst, src)
         else:
             for g, new in zip(groups, new_trees):
                 g["params"] = new

@@ -4,6 +4,15 @@ A fast path is registered for an (optimizer rule name, backend name) pair and re
 the generic per-array loop of one parameter group. It must give the generic path's
 numbers within the dtype's tolerance; the conformance matrix holds it to that.
 
+A :class:`FastPath` has
+
+- ``step(xp, params, grads, slots, hp, k, inplace) -> (params, slots)``: one update of
+  a group. ``hp`` are the group's hyperparameters at step ``k`` (the 0-based count before
+  this update). With ``inplace`` (the stateful form) it may write into ``params`` and
+  ``slots`` and return them; without, it must leave its inputs untouched (pure).
+- ``init(xp, params, names) -> slots`` (optional): the state of a group, e.g. as views
+  into one flat buffer per slot so that one kernel launch can update them all.
+
 The dispatch point is :func:`lookup`, called once per update by the engine:
 ``impl="generic"`` never uses a fast path, ``"fused"`` requires one (a clear error
 otherwise), ``"auto"`` uses one where registered.
@@ -11,24 +20,39 @@ otherwise), ``"auto"`` uses one where registered.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-
-#: (rule name, backend name) -> fast group step. Filled by the backend modules.
-FUSED: dict[tuple[str, str], Callable] = {}
+from dataclasses import dataclass
 
 
-def register(rule: str, backend: str) -> Callable[[Callable], Callable]:
-    def deco(fn: Callable) -> Callable:
-        FUSED[(rule, backend)] = fn
-        return fn
-
-    return deco
+@dataclass(frozen=True)
+class FastPath:
+    step: Callable
+    init: Callable | None = None
 
 
-def lookup(rule: str, backend: str, impl: str) -> Callable | None:
+#: (rule name, backend name) -> fast path. Filled by the backend modules, which are
+#: imported on first use of their library (see _MODULES), never before.
+FUSED: dict[tuple[str, str], FastPath] = {}
+_MODULES = {"cupy": "polyopt.backends.cupy"}
+
+
+def register(rules: tuple[str, ...], backend: str, path: FastPath) -> None:
+    for rule in rules:
+        FUSED[(rule, backend)] = path
+
+
+def _load(backend: str) -> None:
+    module = _MODULES.pop(backend, None)  # import once
+    if module is not None:
+        importlib.import_module(module)
+
+
+def lookup(rule: str, backend: str, impl: str) -> FastPath | None:
     """The fast path to use, or None for the generic math."""
     if impl == "generic":
         return None
+    _load(backend)
     fn = FUSED.get((rule, backend))
     if fn is None and impl == "fused":
         have = sorted(f"{r} on {b}" for r, b in FUSED) or ["none"]
@@ -40,4 +64,5 @@ def lookup(rule: str, backend: str, impl: str) -> Callable | None:
 
 
 def available(rule: str, backend: str) -> bool:
+    _load(backend)
     return (rule, backend) in FUSED
