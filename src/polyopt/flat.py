@@ -102,12 +102,15 @@ def span(arrays: list) -> Any | None:
     into the arrays."""
     if not arrays:
         return None
+    dtype = arrays[0].dtype
+    if any(a.dtype != dtype for a in arrays):
+        return None
+    arrays = [a for a in arrays if a.size]  # empty arrays hold no memory (any pointer)
+    if not arrays:
+        return None
     first = arrays[0]
-    dtype = first.dtype
     addrs = []
     for a in arrays:
-        if a.dtype != dtype:
-            return None
         ad = _address(a)
         if ad is None:
             return None
