@@ -118,16 +118,20 @@ class Optimizer:
         if not leaves:
             raise ValueError(f"{what} must contain at least one array, got an empty structure")
         xp = _xp.namespace(leaves, what)
-        _xp.check_same_device(leaves, what)
-        for i, p in enumerate(leaves):
-            if any(d is None or d != d for d in p.shape):  # None or NaN: dask's unknown size
-                raise ValueError(
-                    f"{what} leaf {i} has unknown shape {tuple(p.shape)}; give arrays of known "
-                    "shape (dask: call .compute_chunk_sizes() first)"
-                )
-            if not xp.isdtype(p.dtype, "real floating"):
+        if not _xp.is_numpy(xp):  # NumPy has one device; elsewhere compare them
+            _xp.check_same_device(leaves, what)
+        if _xp.is_dask(xp):
+            for i, p in enumerate(leaves):
+                if any(d is None or d != d for d in p.shape):  # None or NaN: unknown size
+                    raise ValueError(
+                        f"{what} leaf {i} has unknown shape {tuple(p.shape)}; give arrays of "
+                        "known shape (dask: call .compute_chunk_sizes() first)"
+                    )
+        for dtype in {p.dtype for p in leaves}:  # each distinct dtype once
+            if not xp.isdtype(dtype, "real floating"):
+                i = next(i for i, p in enumerate(leaves) if p.dtype == dtype)
                 raise TypeError(
-                    f"{what} leaf {i} has dtype {p.dtype}; optimizers need floating-point arrays"
+                    f"{what} leaf {i} has dtype {dtype}; optimizers need floating-point arrays"
                 )
         return xp
 
@@ -184,12 +188,13 @@ class Optimizer:
         grad_leaves = self._grad_leaves(grads, grouped, flat)
         xp = self._check_arrays(leaves + grad_leaves, "params and grads")
         for i, (p, g) in enumerate(zip(leaves, grad_leaves)):
-            if tuple(g.shape) != tuple(p.shape) or g.dtype != p.dtype:
+            if g.shape != p.shape or g.dtype != p.dtype:
                 raise ValueError(
                     f"grads leaf {i} has shape {tuple(g.shape)} and dtype {g.dtype}, "
                     f"expected shape {tuple(p.shape)} and dtype {p.dtype} as in params"
                 )
-        self._check_state(state, groups, flat)
+        if not inplace:  # the stateful form made its state itself (init / load_state_dict)
+            self._check_state(state, groups, flat)
         for gi, (hp, (lv, _)) in enumerate(zip(groups, flat)):
             _check_eps(xp, hp, lv, _group_label(gi, grouped))
 
@@ -296,7 +301,7 @@ def _check_eps(xp: Any, hp: dict, leaves: list, where: str) -> None:
     eps = hp.get("eps")
     if not eps:
         return
-    for dt in {_xp.compute_dtype(xp, p.dtype) for p in leaves}:
+    for dt in {_xp.compute_dtype(xp, dtype) for dtype in {p.dtype for p in leaves}}:
         tiny = float(xp.finfo(dt).smallest_normal)
         if eps < tiny:
             raise ValueError(

@@ -13,6 +13,7 @@ Parameter groups (torch's convention) are a list of dicts with a ``"params"`` en
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,14 @@ def flatten(tree: Any) -> tuple[list, Structure]:
     return leaves, structure
 
 
+_LEAF = Structure("leaf")
+_CONTAINERS = (dict, list, tuple)
+
+
 def _flatten(tree: Any, leaves: list) -> Structure:
+    if isinstance(tree, (list, tuple)) and not any(isinstance(t, _CONTAINERS) for t in tree):
+        leaves.extend(tree)  # a flat list of arrays: the common case, without recursion
+        return Structure("tuple" if isinstance(tree, tuple) else "list", (_LEAF,) * len(tree))
     if isinstance(tree, dict):
         keys = _sorted_keys(tree)
         return Structure("dict", tuple(_flatten(tree[k], leaves) for k in keys), keys, tuple(tree))
@@ -54,7 +62,7 @@ def _flatten(tree: Any, leaves: list) -> Structure:
         kind = "tuple" if isinstance(tree, tuple) else "list"
         return Structure(kind, tuple(_flatten(t, leaves) for t in tree))
     leaves.append(tree)
-    return Structure("leaf")
+    return _LEAF
 
 
 def _sorted_keys(d: dict) -> tuple:
@@ -72,6 +80,9 @@ def unflatten(structure: Structure, leaves) -> Any:
 def _unflatten(s: Structure, it) -> Any:
     if s.kind == "leaf":
         return next(it)
+    if s.kind != "dict" and all(c is _LEAF for c in s.children):
+        children = list(itertools.islice(it, len(s.children)))
+        return tuple(children) if s.kind == "tuple" else children
     children = [_unflatten(c, it) for c in s.children]
     if s.kind == "dict":
         by_key = dict(zip(s.keys, children))
@@ -87,6 +98,15 @@ def flatten_like(tree: Any, structure: Structure, what: str, ref: str = "params"
 
 
 def _match(tree: Any, s: Structure, path: str, ref: str, leaves: list) -> None:
+    if (
+        s.kind in ("list", "tuple")
+        and isinstance(tree, (list, tuple))
+        and len(tree) == len(s.children)
+        and all(c is _LEAF for c in s.children)
+        and not any(isinstance(t, _CONTAINERS) for t in tree)
+    ):
+        leaves.extend(tree)  # flat list against flat list: nothing deeper to check
+        return
     if s.kind == "leaf":
         if isinstance(tree, (dict, list, tuple)):
             raise ValueError(

@@ -34,11 +34,22 @@ def backend_name(x: Any) -> str:
     return module
 
 
+_NAMESPACES: dict[type, Any] = {}  # array type -> namespace (the same for every instance)
+
+
 def namespace(arrays: list, what: str) -> Any:
     """The array-API namespace shared by ``arrays``; a clear TypeError if they are mixed.
 
     ``what`` names the argument(s) in the message, e.g. ``"params and grads"``.
     """
+    types = set(map(type, arrays))
+    if len(types) == 1:  # the common case, asked once per type
+        (t,) = types
+        xp = _NAMESPACES.get(t)
+        if xp is None and _compat.is_array_api_obj(arrays[0]):
+            xp = _NAMESPACES[t] = _compat.array_namespace(arrays[0])
+        if xp is not None:
+            return xp
     for i, a in enumerate(arrays):
         if not _compat.is_array_api_obj(a):
             raise TypeError(f"{what}: leaf {i} is not an array, got {type(a).__name__}: {a!r:.80}")
@@ -98,6 +109,10 @@ def is_numpy(xp: Any) -> bool:
     return _compat.is_numpy_namespace(xp)
 
 
+def is_dask(xp: Any) -> bool:
+    return _compat.is_dask_namespace(xp)
+
+
 def no_grad(xp: Any):
     """A context in which the library records no gradients (torch), else a no-op."""
     if is_torch(xp):
@@ -111,7 +126,7 @@ def writable(xp: Any) -> bool:
     """Whether the stateful form should write into the user's arrays. JAX arrays are
     immutable; dask's ``x[...] = y`` keeps the old graph inside the new one, so its
     graph would grow quadratically with the steps: both hold the new arrays instead."""
-    return not (is_jax(xp) or _compat.is_dask_namespace(xp))
+    return not (is_jax(xp) or is_dask(xp))
 
 
 def write_into(xp: Any, dst: Any, src: Any) -> None:

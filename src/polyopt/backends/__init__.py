@@ -34,7 +34,11 @@ class FastPath:
 #: (rule name, backend name) -> fast path. Filled by the backend modules, which are
 #: imported on first use of their library (see _MODULES), never before.
 FUSED: dict[tuple[str, str], FastPath] = {}
-_MODULES = {"cupy": "polyopt.backends.cupy"}
+_MODULES = {
+    "cupy": "polyopt.backends.cupy",
+    "numpy": "polyopt.backends.numpy",
+    "torch": "polyopt.backends.torch",
+}
 
 
 def register(rules: tuple[str, ...], backend: str, path: FastPath) -> None:
@@ -45,7 +49,13 @@ def register(rules: tuple[str, ...], backend: str, path: FastPath) -> None:
 def _load(backend: str) -> None:
     module = _MODULES.pop(backend, None)  # import once
     if module is not None:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            # an optional library the fast path needs (numba...) is absent: generic only.
+            # A missing polyopt module is a bug and must not pass silently.
+            if e.name and e.name.startswith("polyopt") and e.name != module:
+                raise
 
 
 def lookup(rule: str, backend: str, impl: str) -> FastPath | None:
