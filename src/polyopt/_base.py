@@ -200,11 +200,12 @@ class Optimizer:
 
         fast = backends.lookup(self.rule.name, _xp.backend_name(leaves[0]), self.impl)
         k = state.step
+        # every schedule evaluated (and checked) before any array is touched
+        hps = [_at_step(hp, k, self.rule.schedulable) for hp in groups]
         new_leaves, new_slots = [], []
         with _xp.no_grad(xp):
             i = 0
-            for hp, (lv, _) in zip(groups, flat):
-                hp_k = _at_step(hp, k, self.rule.schedulable)
+            for hp_k, (lv, _) in zip(hps, flat):
                 g_lv, s_lv = grad_leaves[i : i + len(lv)], state.slots[i : i + len(lv)]
                 if fast is not None:  # a fused group step: same math, fewer passes
                     ps, ss = fast.step(xp, lv, g_lv, s_lv, hp_k, k, inplace)
