@@ -31,6 +31,15 @@ def pack(arrays: list) -> list:
 
     Returns the views in the order given (use them as your model's params).
     """
+    return _into_buffers(arrays, copy_values=True)
+
+
+def zeros_like(arrays: list) -> list:
+    """Zero arrays with the shapes and dtypes of ``arrays``, in one buffer per dtype."""
+    return _into_buffers(arrays, copy_values=False)
+
+
+def _into_buffers(arrays: list, copy_values: bool) -> list:
     if not arrays:
         raise ValueError("pack needs at least one array, got an empty list")
     xp = _xp.namespace(list(arrays), "arrays")
@@ -39,34 +48,11 @@ def pack(arrays: list) -> list:
     for i, a in enumerate(arrays):
         by_dtype.setdefault(str(a.dtype), []).append(i)
     for idx in by_dtype.values():
-        views = empty_views(
-            xp,
-            [tuple(arrays[i].shape) for i in idx],
-            arrays[idx[0]].dtype,
-            _xp.device_of(arrays[idx[0]]),
-        )
+        first = arrays[idx[0]]
+        shapes = [tuple(arrays[i].shape) for i in idx]
+        views = empty_views(xp, shapes, first.dtype, _xp.device_of(first))
         for i, v in zip(idx, views):
-            v[...] = arrays[i]
-            out[i] = v
-    return out
-
-
-def zeros_like(arrays: list) -> list:
-    """Zero arrays with the shapes and dtypes of ``arrays``, in one buffer per dtype."""
-    xp = _xp.namespace(list(arrays), "arrays")
-    out: list = [None] * len(arrays)
-    by_dtype: dict[str, list[int]] = {}
-    for i, a in enumerate(arrays):
-        by_dtype.setdefault(str(a.dtype), []).append(i)
-    for idx in by_dtype.values():
-        views = empty_views(
-            xp,
-            [tuple(arrays[i].shape) for i in idx],
-            arrays[idx[0]].dtype,
-            _xp.device_of(arrays[idx[0]]),
-        )
-        for i, v in zip(idx, views):
-            v[...] = 0
+            v[...] = arrays[i] if copy_values else 0
             out[i] = v
     return out
 

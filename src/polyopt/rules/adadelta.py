@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import _validate as v
 from .._base import Optimizer, Rule
-from ._common import make, on
+from ._common import decay, make
 
 DEFAULTS = dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False)
 
@@ -24,11 +24,8 @@ def _slots(hp: dict) -> tuple[str, ...]:
 
 
 def _step(p, g, s, hp, t, xp):
-    lr, wd, rho, eps = hp["lr"], hp["weight_decay"], hp["rho"], hp["eps"]
-    if hp["maximize"]:
-        g = -g
-    if on(wd):
-        g = g + wd * p
+    lr, rho, eps = hp["lr"], hp["rho"], hp["eps"]
+    p, g = decay(p, g, hp)
     sq = rho * s["square_avg"] + (1 - rho) * (g * g)
     delta = xp.sqrt(s["acc_delta"] + eps) / xp.sqrt(sq + eps) * g
     acc = rho * s["acc_delta"] + (1 - rho) * (delta * delta)

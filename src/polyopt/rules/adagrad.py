@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import _validate as v
 from .._base import Optimizer, Rule
-from ._common import make, on
+from ._common import decay, make
 
 DEFAULTS = dict(
     lr=1e-2,
@@ -36,11 +36,8 @@ def _init(p, hp, xp):
 
 
 def _step(p, g, s, hp, t, xp):
-    lr, wd = hp["lr"], hp["weight_decay"]
-    if hp["maximize"]:
-        g = -g
-    if on(wd):
-        g = g + wd * p
+    lr = hp["lr"]
+    p, g = decay(p, g, hp)
     clr = lr / (1 + (t - 1) * hp["lr_decay"])
     acc = s["sum"] + g * g
     return p - clr * (g / (xp.sqrt(acc) + hp["eps"])), {"sum": acc}

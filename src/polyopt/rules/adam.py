@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import _validate as v
 from .._base import Optimizer, Rule, bias_correction, scalar_sqrt
-from ._common import make, on
+from ._common import decay, make
 
 DEFAULTS = dict(
     lr=1e-3,
@@ -36,15 +36,9 @@ def _slots(hp: dict) -> tuple[str, ...]:
 
 
 def _step(p, g, s, hp, t, xp):
-    lr, wd, eps = hp["lr"], hp["weight_decay"], hp["eps"]
+    lr, eps = hp["lr"], hp["eps"]
     b1, b2 = hp["betas"]
-    if hp["maximize"]:
-        g = -g
-    if on(wd):
-        if hp["decoupled_weight_decay"]:
-            p = p - (lr * wd) * p  # = p·(1 − lr·λ) without rounding 1 − lr·λ to p.dtype
-        else:
-            g = g + wd * p
+    p, g = decay(p, g, hp, decoupled=hp["decoupled_weight_decay"])
     m = b1 * s["exp_avg"] + (1 - b1) * g
     v2 = b2 * s["exp_avg_sq"] + (1 - b2) * (g * g)
     out = {"exp_avg": m, "exp_avg_sq": v2}

@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import _validate as v
 from .._base import Optimizer, Rule
-from ._common import make, on
+from ._common import decay, make
 
 DEFAULTS = dict(
     lr=1e-2,
@@ -39,11 +39,8 @@ def _slots(hp: dict) -> tuple[str, ...]:
 
 
 def _step(p, g, s, hp, t, xp):
-    lr, wd, a, mu = hp["lr"], hp["weight_decay"], hp["alpha"], hp["momentum"]
-    if hp["maximize"]:
-        g = -g
-    if on(wd):
-        g = g + wd * p
+    lr, a, mu = hp["lr"], hp["alpha"], hp["momentum"]
+    p, g = decay(p, g, hp)
     sq = a * s["square_avg"] + (1 - a) * (g * g)
     out = {"square_avg": sq}
     if hp["centered"]:

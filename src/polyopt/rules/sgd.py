@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import _validate as v
 from .._base import Optimizer, Rule, after_first
-from ._common import make, on
+from ._common import decay, make
 
 DEFAULTS = dict(
     lr=1e-3,
@@ -39,14 +39,8 @@ def _slots(hp: dict) -> tuple[str, ...]:
 
 
 def _step(p, g, s, hp, t, xp):
-    lr, wd, mu = hp["lr"], hp["weight_decay"], hp["momentum"]
-    if hp["maximize"]:
-        g = -g
-    if on(wd):
-        if hp["decoupled_weight_decay"]:
-            p = p - (lr * wd) * p  # = p·(1 − lr·λ) without rounding 1 − lr·λ to p.dtype
-        else:
-            g = g + wd * p
+    lr, mu = hp["lr"], hp["momentum"]
+    p, g = decay(p, g, hp, decoupled=hp["decoupled_weight_decay"])
     out = {}
     if mu != 0:
         # torch starts the buffer at g (no dampening on step one); the buffer starts at
