@@ -1,0 +1,280 @@
+"""Fused Adam / AdamW for CuPy arrays (imported on first use of CuPy arrays).
+
+The math is ``polyopt_adam_element`` in :mod:`polyopt.backends._cuda_source`, the same
+operations as ``polyopt.rules.adam._step``; this module only chooses how to launch it:
+
+(a) params, grads and every state slot are each one run of arrays back to back in one
+    buffer (:func:`polyopt.flat.span`): ONE elementwise launch over the 1-D spans;
+(b) otherwise, the C-contiguous arrays of one dtype, if more than one: ONE multi-tensor
+    launch (tables of pointers, sizes and chunks on the device);
+(c) a single array, or a non-contiguous one: one elementwise launch for it (CuPy's
+    indexing handles any strides and 0-d arrays).
+
+Zero-size arrays launch nothing. Scalars are computed on the host in float64
+(:func:`~polyopt.backends._cuda_source.kernel_scalars`) and rounded once to the compute
+type (float32 for float16/bfloat16/float32 params, float64 for float64). The state made
+by :func:`init` is flat: one buffer per (slot, dtype). A step whose ``lr``,
+``weight_decay`` or step count is an array rather than a Python number runs the generic
+rule instead (same numbers, more launches).
+
+``LAST_PATH`` holds the launches of the last step (``("span",)``, ``("multi_tensor",)``,
+``("elementwise", ...)``, ``("generic",)``); ``LAUNCHES`` counts them all.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any
+
+import cupy
+import numpy as np
+
+from .. import flat
+from .._base import Optimizer
+from ..rules import adam as _adam
+from . import FastPath, register
+from . import _cuda_source as src
+
+#: Launches of the last step, in order; and a running count per kind.
+LAST_PATH: tuple[str, ...] = ()
+LAUNCHES: collections.Counter = collections.Counter()
+
+
+def _elementwise_kernel(spec: src.ElementwiseSpec) -> cupy.ElementwiseKernel:
+    return cupy.ElementwiseKernel(
+        spec.in_params,
+        spec.out_params,
+        spec.body,
+        spec.name,
+        preamble=spec.preamble,
+        options=src.OPTIONS,
+        no_return=True,
+    )
+
+
+#: The elementwise kernels, built once: (amsgrad, inplace, compute dtype) -> kernel.
+#: Constructing an ElementwiseKernel compiles nothing: CuPy compiles (and caches on disk)
+#: at the first call for each argument-type combination.
+ELEMENTWISE: dict[tuple[bool, bool, str], cupy.ElementwiseKernel] = {
+    (amsgrad, inplace, compute): _elementwise_kernel(
+        src.elementwise_spec(amsgrad, inplace, compute)
+    )
+    for compute in ("float32", "float64")
+    for inplace in (True, False)
+    for amsgrad in (False, True)
+}
+
+
+@functools.cache
+def multi_tensor_kernel(dtype: str) -> cupy.RawKernel:
+    """The multi-tensor kernel for ``dtype`` params, compiled (and cached on disk by
+    CuPy) the first time a step asks for it."""
+    module = cupy.RawModule(code=src.multi_tensor_source(dtype), options=src.OPTIONS)
+    return module.get_function(src.multi_tensor_name(dtype))
+
+
+#: Device copies of multi-tensor tables, by (device, table bytes): the stateful form
+#: updates the same arrays every step, so its table is uploaded once.
+_TABLES: collections.OrderedDict = collections.OrderedDict()
+_TABLES_MAX = 16
+
+#: The generic step of one array (compute dtype, 0-d handling): the fallback.
+_GENERIC = Optimizer(_adam.ADAM, {}, impl="generic")
+
+
+def _slot_names(hp: dict) -> tuple[str, ...]:
+    return _adam.ADAM.slots(hp)
+
+
+def _scalars(host: tuple, compute: str) -> tuple:
+    """The scalars rounded once from float64 to the compute type (as NumPy rounds a
+    Python float met with a float32 array)."""
+    kind = np.float32 if compute == "float32" else np.float64
+    return tuple(kind(x) for x in host[0])
+
+
+def _flags(host: tuple) -> tuple:
+    return tuple(np.int32(f) for f in host[1])
+
+
+def _empty_like(xp: Any, arrays: list) -> list:
+    """New uninitialised arrays shaped like ``arrays``: views into one buffer per dtype."""
+    out: list = [None] * len(arrays)
+    by_dtype: dict[str, list[int]] = {}
+    for i, a in enumerate(arrays):
+        by_dtype.setdefault(a.dtype.name, []).append(i)
+    for idx in by_dtype.values():
+        first = arrays[idx[0]]
+        views = flat.empty_views(
+            xp, [tuple(arrays[i].shape) for i in idx], first.dtype, first.device
+        )
+        for i, v in zip(idx, views):
+            out[i] = v
+    return out
+
+
+def init(xp: Any, params: list, names: tuple[str, ...]) -> list[dict]:
+    """Zero state, flat: for each slot, one buffer per dtype holding every array's view."""
+    slots: list[dict] = [{} for _ in params]
+    for name in names:
+        views = _empty_like(xp, params)
+        for i, v in enumerate(views):
+            slots[i][name] = v
+        for buffer in _buffers(views):
+            buffer.fill(0)
+    return slots
+
+
+def _buffers(views: list) -> list:
+    """One 1-D array per run of views that :func:`flat.span` recognises (else each view)."""
+    by_dtype: dict[str, list] = {}
+    for v in views:
+        by_dtype.setdefault(v.dtype.name, []).append(v)
+    out = []
+    for vs in by_dtype.values():
+        whole = flat.span(vs)
+        out.extend([whole] if whole is not None else vs)
+    return [b for b in out if b.size > 0]
+
+
+def step(
+    xp: Any, params: list, grads: list, slots: list, hp: dict, k: Any, inplace: bool
+) -> tuple[list, list[dict]]:
+    """One fused Adam/AdamW update of a group (see the module docstring)."""
+    global LAST_PATH
+    host = src.kernel_scalars(hp, k)
+    if host is None:  # an array lr / weight_decay / step count: the generic rule
+        LAST_PATH = ("generic",)
+        LAUNCHES["generic"] += 1
+        return _generic(xp, params, grads, slots, hp, k)
+
+    names = _slot_names(hp)
+    amsgrad = bool(hp["amsgrad"])
+    state = [[s[n] for s in slots] for n in names]  # one list per slot name
+    if inplace:
+        out_p, out_s = list(params), state
+    else:
+        # Pure: new arrays for everything the step writes, flat (one buffer per dtype);
+        # the kernels read the inputs and write these, so inputs stay untouched and the
+        # traffic is the in-place step's (no copy first).
+        out_p = _empty_like(xp, params)
+        out_s = [_empty_like(xp, s) for s in state]
+
+    with params[0].device:
+        launches = _span_launch(params, grads, state, out_p, out_s, amsgrad, inplace, host)
+        if launches is None:
+            launches = _list_launches(params, grads, state, out_p, out_s, amsgrad, inplace, host)
+    LAST_PATH = tuple(launches)
+    LAUNCHES.update(launches)
+    new_slots = [{n: out_s[j][i] for j, n in enumerate(names)} for i in range(len(params))]
+    return out_p, new_slots
+
+
+def _span_launch(params, grads, state, out_p, out_s, amsgrad, inplace, host) -> list | None:
+    """Strategy (a): one elementwise launch over 1-D spans; None if not applicable."""
+    groups = [params, grads, *state] + ([] if inplace else [out_p, *out_s])
+    spans = []
+    for g in groups:
+        s = flat.span(g)
+        if s is None or s.dtype != params[0].dtype:
+            return None
+        spans.append(s)
+    n = len(state)
+    p, g, st = spans[0], spans[1], spans[2 : 2 + n]
+    if p.size == 0:
+        return []  # nothing to update: no launch
+    if inplace:
+        _elementwise(p, g, st, p, st, amsgrad, True, host)
+    else:
+        _elementwise(p, g, st, spans[2 + n], spans[3 + n :], amsgrad, False, host)
+    return ["span"]
+
+
+def _elementwise(p, g, st, po, so, amsgrad, inplace, host) -> None:
+    compute = src.COMPUTE[p.dtype.name]
+    kernel = ELEMENTWISE[(amsgrad, inplace, compute)]
+    args = _scalars(host, compute) + _flags(host)
+    if inplace:
+        kernel(g, *args, p, *st)
+    else:
+        kernel(p, g, *st, *args, po, *so)
+
+
+def _list_launches(params, grads, state, out_p, out_s, amsgrad, inplace, host) -> list:
+    """Strategies (b) and (c)."""
+    launches = []
+    buckets: dict[str, list[int]] = {}
+    singles: list[int] = []
+    for i, p in enumerate(params):
+        if p.size == 0:
+            continue
+        arrays = [p, grads[i], *(s[i] for s in state)]
+        if not inplace:
+            arrays += [out_p[i], *(s[i] for s in out_s)]
+        if all(a.flags.c_contiguous for a in arrays):
+            buckets.setdefault(p.dtype.name, []).append(i)
+        else:
+            singles.append(i)
+    for idx in buckets.values():
+        if len(idx) == 1:
+            singles.extend(idx)
+            continue
+        _multi_tensor(params, grads, state, out_p, out_s, idx, amsgrad, host)
+        launches.append("multi_tensor")
+    for i in sorted(singles):
+        st = [s[i] for s in state]
+        _elementwise(
+            params[i], grads[i], st, out_p[i], [s[i] for s in out_s], amsgrad, inplace, host
+        )
+        launches.append("elementwise")
+    return launches
+
+
+def _multi_tensor(params, grads, state, out_p, out_s, idx, amsgrad, host) -> None:
+    """Strategy (b): one launch for the arrays ``idx`` (one dtype, all C-contiguous).
+    Pure or in place only differs in the output pointer tables."""
+    names = ("m", "v", "vmax")
+    pointers = {
+        "p_in": [params[i].data.ptr for i in idx],
+        "g_in": [grads[i].data.ptr for i in idx],
+        "p_out": [out_p[i].data.ptr for i in idx],
+    }
+    for j, s in enumerate(state):
+        pointers[f"{names[j]}_in"] = [s[i].data.ptr for i in idx]
+        pointers[f"{names[j]}_out"] = [out_s[j][i].data.ptr for i in idx]
+    sizes = [int(params[i].size) for i in idx]
+    tbl = src.multi_tensor_table(pointers, sizes)
+    device_id = params[idx[0]].device.id
+    key = (device_id, tbl.table.tobytes())
+    device_args = _TABLES.get(key)
+    if device_args is None:
+        table = cupy.asarray(tbl.table)
+        device_args = tuple(table[a:b] for a, b in tbl.slices)
+        _TABLES[key] = device_args
+        while len(_TABLES) > _TABLES_MAX:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    dtype = params[idx[0]].dtype.name
+    args = (
+        device_args
+        + (np.int64(tbl.n_chunks), np.int64(tbl.chunk_size))
+        + _scalars(host, src.COMPUTE[dtype])
+        + (np.int32(amsgrad),)
+        + _flags(host)
+    )
+    grid = min(tbl.n_chunks, 2**31 - 1)
+    multi_tensor_kernel(dtype)((grid,), (src.MULTI_TENSOR_BLOCK,), args)
+
+
+def _generic(xp, params, grads, slots, hp, k):
+    ps, ss = [], []
+    for p, g, s in zip(params, grads, slots):
+        new_p, new_s = _GENERIC._step_one(xp, p, g, s, hp, k)
+        ps.append(new_p)
+        ss.append(new_s)
+    return ps, ss
+
+
+register(("adam", "adamw"), "cupy", FastPath(step=step, init=init))
