@@ -8,6 +8,7 @@ missing are skipped with the reason.
 
 from __future__ import annotations
 
+import array_api_strict
 import numpy as np
 import pytest
 
@@ -80,9 +81,9 @@ def test_assert_close_checks_shape_dtype_then_values():
 
 
 def test_fused_without_a_fast_path_is_a_clear_error():
-    with pytest.raises(ValueError, match="impl='fused'.*no fused adamw step for numpy"):
-        polyopt.AdamW(np.ones(3), impl="fused")
-    with pytest.raises(ValueError, match="impl='fused'"):
-        polyopt.sgd(impl="fused").init([np.ones(3)])
+    with pytest.raises(ValueError, match="impl='fused'.*no fused sgd step for numpy"):
+        polyopt.SGD(np.ones(3), impl="fused")
+    with pytest.raises(ValueError, match="impl='fused'.*no fused rmsprop step for array_api"):
+        polyopt.rmsprop(impl="fused").init([array_api_strict.asarray([1.0])])
     with pytest.raises(ValueError, match="impl must be one of"):
         polyopt.sgd(impl="fast")

@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "polyopt.conformance:main",
         "check every installed backend against the NumPy float64 reference; exit 1 on failure",
     ),
+    "bench": (
+        "polyopt.bench:main",
+        "time one fp32 AdamW step against torch.optim, optax and the 28 bytes/param floor",
+    ),
 }
 
 

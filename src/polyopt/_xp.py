@@ -78,6 +78,8 @@ def check_same_device(arrays: list, what: str) -> None:
     """Raise ValueError naming the devices if ``arrays`` do not all live on one device."""
     if len(arrays) < 2:
         return
+    if _compat.is_torch_array(arrays[0]) and len({a.device for a in arrays}) == 1:
+        return  # torch's own attribute: the common case, without a call per array
     first = _device_key(arrays[0])
     for i, a in enumerate(arrays[1:], start=1):
         d = _device_key(a)

@@ -1,0 +1,1 @@
+"""asv benchmarks for polyopt (see docs/performance.md)."""

@@ -1,0 +1,645 @@
+"""``python -m polyopt bench``: one float32 AdamW step, polyopt against its peers and
+against the memory-traffic floor, on the same arrays in one run.
+
+For each size (total parameters split into a number of equal 1-D tensors) every
+implementation gets the same initial params and grads (float32, from one seed) and runs
+``--warmup`` untimed steps; then ``--repeats`` rounds time one step of each
+implementation in turn (each synchronized: jax ``block_until_ready``), so that drifts of
+a shared machine's speed hit every row alike (``--sequential`` times them one after the
+other instead, holding one implementation's arrays at a time). Columns:
+
+- ``ms``: median time of one step;
+- ``vs best peer``: that time divided by the faster of ``torch.optim.AdamW(fused=True)``
+  and ``optax.adamw`` under ``jax.jit``;
+- ``GB/s``: effective bandwidth, 28 bytes per parameter (read p, g, m, v; write p, m,
+  v: the least memory traffic an fp32 AdamW step can do) divided by the time;
+- ``% floor``: the floor's time over the measured time, where the floor's time is
+  28 bytes/param divided by this machine's memory bandwidth: the best of ``np.copyto``
+  (read + write) and an in-place ``np.add(a, b, out=a)`` (2 reads + 1 write) over large
+  arrays, on one thread and on all (see :func:`bandwidth` and the printed footnote).
+  100 % is a step that moves its 28 bytes per parameter as fast as memory moves.
+
+``--memory`` measures instead the extra memory one step of polyopt's NumPy paths
+allocates (``tracemalloc``: NumPy reports its allocations to it).
+Missing libraries are skipped with a note; exit code 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import tracemalloc
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: bytes of memory traffic per parameter of an fp32 AdamW step: read p, g, m, v; write p, m, v
+FLOOR_BYTES = 28
+HP = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+DEFAULT_SIZES = "10M/100,1M/1000"
+QUICK_SIZES = "1M/100,100k/1000"
+PEERS = ("torch.optim fused", "optax.adamw jit")
+
+
+class Unavailable(Exception):
+    """An implementation that cannot run here; the message says why (shown as n/a)."""
+
+
+# -- problems --------------------------------------------------------------------------
+
+
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_count(text: str) -> int:
+    """``10M`` -> 10_000_000, ``1e4`` -> 10_000, ``250k`` -> 250_000."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgG]?)\s*", text)
+    if not m:
+        raise ValueError(f"not a count: {text!r} (examples: 10M, 250k, 1e4)")
+    value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    if value < 1 or value != int(value):
+        raise ValueError(f"not a positive whole count: {text!r}")
+    return int(value)
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"10M/100,1M/1000"`` -> [(10_000_000, 100), (1_000_000, 1000)]: total params / tensors."""
+    out = []
+    for part in text.split(","):
+        total, _, count = part.partition("/")
+        n, t = parse_count(total), parse_count(count or "1")
+        if t > n:
+            raise ValueError(f"{part!r}: more tensors ({t}) than parameters ({n})")
+        out.append((n, t))
+    if not out:
+        raise ValueError("no sizes given")
+    return out
+
+
+def human(n: int) -> str:
+    for unit, div in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= div and n % (div // 10) == 0:
+            return f"{n / div:g}{unit}"
+    return str(n)
+
+
+@dataclass
+class Problem:
+    n_params: int
+    n_tensors: int
+    params: list  # float32 NumPy arrays: the initial values every implementation starts from
+    grads: list
+
+    @property
+    def label(self) -> str:
+        return f"{human(self.n_params)} params in {self.n_tensors} tensors"
+
+
+def make_problem(n_params: int, n_tensors: int, seed: int = 0) -> Problem:
+    """``n_tensors`` 1-D float32 tensors holding ``n_params`` in all (sizes differ by <= 1)."""
+    rng = np.random.default_rng(seed)
+    base, extra = divmod(n_params, n_tensors)
+    sizes = [base + (i < extra) for i in range(n_tensors)]
+    p = rng.standard_normal(n_params, dtype=np.float32)
+    g = rng.standard_normal(n_params, dtype=np.float32) * np.float32(1e-2)
+    cuts = np.cumsum([0, *sizes])
+    params = [p[a:b].copy() for a, b in zip(cuts, cuts[1:])]
+    grads = [g[a:b].copy() for a, b in zip(cuts, cuts[1:])]
+    return Problem(n_params, n_tensors, params, grads)
+
+
+# -- implementations: each builds a step() closure on copies of the problem's arrays ----
+
+
+def _need(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise Unavailable(f"n/a: {module} not installed")
+
+
+def _polyopt_numpy(impl: str, packed: bool = False) -> Callable:
+    def build(pb: Problem) -> Callable[[], None]:
+        import polyopt
+        from polyopt import backends, flat
+
+        if impl == "fused" and not backends.available("adamw", "numpy"):
+            if importlib.util.find_spec("numba") is None:
+                raise Unavailable("n/a: pip install numba")
+            raise Unavailable("n/a: no NumPy fast path in this polyopt")
+        if packed:
+            params, grads = flat.pack(pb.params), flat.pack(pb.grads)
+        else:
+            params, grads = [a.copy() for a in pb.params], [a.copy() for a in pb.grads]
+        opt = polyopt.AdamW(params, **HP, impl=impl)
+        return lambda: opt.step(grads)
+
+    return build
+
+
+def _torch_tensors(pb: Problem):
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    params = [torch.from_numpy(a).clone() for a in pb.params]
+    grads = [torch.from_numpy(a).clone() for a in pb.grads]
+    return torch, params, grads
+
+
+def _polyopt_torch(impl: str) -> Callable:
+    def build(pb: Problem) -> Callable[[], None]:
+        _need("torch")
+        import polyopt
+        from polyopt import backends
+
+        torch, params, grads = _torch_tensors(pb)
+        if impl == "fused" and not backends.available("adamw", "torch"):
+            raise Unavailable("n/a: no torch fast path in this polyopt")
+        opt = polyopt.AdamW(params, **HP, impl=impl)
+        return lambda: opt.step(grads)
+
+    return build
+
+
+def _torch_optim(mode: str) -> Callable:
+    def build(pb: Problem) -> Callable[[], None]:
+        _need("torch")
+        torch, params, grads = _torch_tensors(pb)
+        params = [torch.nn.Parameter(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        flags = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+        try:
+            opt = torch.optim.AdamW(params, **HP, **flags[mode])
+        except (RuntimeError, ValueError) as e:
+            raise Unavailable(f"n/a: {e}") from None
+        return opt.step
+
+    return build
+
+
+def _jax_arrays(pb: Problem):
+    import jax
+    import jax.numpy as jnp
+
+    return jax, [jnp.asarray(a) for a in pb.params], [jnp.asarray(a) for a in pb.grads]
+
+
+def _optax(pb: Problem) -> Callable[[], None]:
+    _need("jax")
+    _need("optax")
+    import optax
+
+    jax, params, grads = _jax_arrays(pb)
+    b1, b2 = HP["betas"]
+    tx = optax.adamw(HP["lr"], b1=b1, b2=b2, eps=HP["eps"], weight_decay=HP["weight_decay"])
+
+    def update(p, g, s):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    update = jax.jit(update, donate_argnums=(0, 2))
+    box = [params, tx.init(params)]
+
+    def step():
+        box[0], box[1] = update(box[0], grads, box[1])
+        jax.block_until_ready(box[0])
+
+    return step
+
+
+def _polyopt_jax(pb: Problem) -> Callable[[], None]:
+    _need("jax")
+    import polyopt
+
+    jax, params, grads = _jax_arrays(pb)
+    opt = polyopt.adamw(**HP)
+    update = jax.jit(opt.update, donate_argnums=(0, 2))
+    box = [params, opt.init(params)]
+
+    def step():
+        box[0], box[1] = update(box[0], grads, box[1])
+        jax.block_until_ready(box[0])
+
+    return step
+
+
+#: (name, library key for --libs, builder). Order = rows of the table.
+IMPLEMENTATIONS: list[tuple[str, str, Callable]] = [
+    ("polyopt numpy generic", "numpy", _polyopt_numpy("generic")),
+    ("polyopt numpy fused", "numpy", _polyopt_numpy("fused")),
+    ("polyopt numpy fused, flat", "numpy", _polyopt_numpy("fused", packed=True)),
+    ("polyopt torch generic", "torch", _polyopt_torch("generic")),
+    ("polyopt torch fused", "torch", _polyopt_torch("fused")),
+    ("torch.optim for-loop", "torch", _torch_optim("loop")),
+    ("torch.optim foreach", "torch", _torch_optim("foreach")),
+    ("torch.optim fused", "torch", _torch_optim("fused")),
+    ("optax.adamw jit", "jax", _optax),
+    ("polyopt jax jit", "jax", _polyopt_jax),
+]
+LIBS = ("numpy", "torch", "jax")
+
+
+# -- measuring -------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    ms: float | None = None  # median; None if unavailable
+    note: str = ""
+    times: list[float] = field(default_factory=list)
+
+
+def bandwidth(nbytes: int, threads: int = 1, kind: str = "copy", repeats: int = 10) -> float:
+    """GB/s moved by a NumPy stream over float32 arrays of ``nbytes`` each.
+
+    ``kind="copy"``: ``np.copyto(dst, src)``, counted as read + write (2 × nbytes).
+    ``kind="update"``: ``np.add(a, b, out=a)``, an in-place update like an optimizer
+    step's, counted as 2 reads + 1 write (3 × nbytes). With ``threads`` > 1 the arrays
+    are cut into that many slices processed at once (NumPy releases the GIL). The best
+    of ``repeats`` runs: what the machine can do, the floor's premise.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = max(nbytes // 4, threads)
+    a = np.ones(n, dtype=np.float32)
+    b = np.zeros(n, dtype=np.float32)
+    if kind == "copy":
+        op, moved = (lambda x, y: np.copyto(y, x)), 2
+    elif kind == "update":
+        op, moved = (lambda x, y: np.add(x, y, out=x)), 3
+    else:
+        raise ValueError(f"kind must be 'copy' or 'update', got {kind!r}")
+    cuts = np.linspace(0, n, threads + 1).astype(int)
+    pairs = [(a[i:j], b[i:j]) for i, j in zip(cuts, cuts[1:])]
+    with ThreadPoolExecutor(threads) as pool:
+
+        def run():
+            if threads == 1:
+                op(a, b)
+            else:
+                list(pool.map(lambda xy: op(*xy), pairs))
+
+        run()  # first touch: page faults are not bandwidth
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    return moved * n * 4 / min(times) / 1e9
+
+
+def measure(step: Callable[[], None], warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
+def fits_interleaved(pb: Problem, n_impls: int) -> bool:
+    """Whether every implementation's params, grads and two moments (16 bytes per float32
+    parameter each) fit in half the free memory at once."""
+    free = _available_memory()
+    return free is None or 16 * pb.n_params * n_impls < free // 2
+
+
+def run_size(
+    pb: Problem,
+    warmup: int,
+    repeats: int,
+    libs: Sequence[str],
+    interleave: bool = True,
+) -> list[Row]:
+    """Time every implementation in ``libs`` on ``pb``.
+
+    ``interleave``: build (and warm up) all of them first, then time them in rounds of
+    one step each, so that a machine whose speed drifts (other work, a noisy neighbour's
+    memory traffic) slows every row alike; otherwise one after the other, holding one
+    implementation's arrays at a time.
+    """
+    rows: list[Row] = []
+    steps: list[Callable[[], None] | None] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. JAX on a backend without donation
+        for name, lib, build in IMPLEMENTATIONS:
+            if lib not in libs:
+                continue
+            row = Row(name)
+            step = None
+            try:
+                step = build(pb)
+                if interleave:
+                    measure(step, warmup, 0)
+                else:
+                    row.times = measure(step, warmup, repeats)
+                    step = None
+            except Unavailable as e:
+                row.note, step = str(e), None
+            except ImportError as e:
+                row.note, step = f"n/a: {e}", None
+            rows.append(row)
+            steps.append(step)
+            gc.collect()
+        for _ in range(repeats if interleave else 0):
+            for row, step in zip(rows, steps):
+                if step is not None:
+                    t0 = time.perf_counter()
+                    step()
+                    row.times.append(time.perf_counter() - t0)
+    for row in rows:
+        if row.times:
+            row.ms = 1e3 * statistics.median(row.times)
+    steps.clear()
+    gc.collect()
+    return rows
+
+
+def _table(pb: Problem, rows: list[Row], copy_gbs: float) -> str:
+    floor_ms = FLOOR_BYTES * pb.n_params / (copy_gbs * 1e9) * 1e3
+    peers = [r.ms for r in rows if r.name in PEERS and r.ms is not None]
+    best = min(peers) if peers else None
+    head = ("implementation", "ms", "vs best peer", "GB/s", "% floor")
+    lines = [f"{pb.label}  (floor {floor_ms:.3g} ms)", ""]
+    body = []
+    for r in rows:
+        if r.ms is None:
+            body.append((r.name, r.note, "", "", ""))
+            continue
+        ratio = f"{r.ms / best:.2f}x" if best else "-"
+        gbs = FLOOR_BYTES * pb.n_params / (r.ms * 1e-3) / 1e9
+        body.append((r.name, f"{r.ms:.3g}", ratio, f"{gbs:.3g}", f"{100 * floor_ms / r.ms:.0f}%"))
+    w0 = max(len(head[0]), *(len(b[0]) for b in body))
+    fmt = f"{{:<{w0}}}  {{:>9}}  {{:>12}}  {{:>7}}  {{:>7}}"
+    lines.append(fmt.format(*head))
+    lines.append(fmt.format("-" * w0, "-" * 9, "-" * 12, "-" * 7, "-" * 7))
+    for b in body:
+        if b[2] == "" and b[1].startswith("n/a"):
+            lines.append(f"{b[0]:<{w0}}  {b[1]}")
+        else:
+            lines.append(fmt.format(*b))
+    return "\n".join(lines)
+
+
+def _versions() -> str:
+    out = [f"numpy {np.__version__}"]
+    for mod in ("numba", "torch", "jax", "optax"):
+        if importlib.util.find_spec(mod) is None:
+            out.append(f"{mod} not installed")
+            continue
+        try:
+            m = __import__(mod)
+            out.append(f"{mod} {m.__version__}")
+        except Exception as e:  # pragma: no cover - a broken install
+            out.append(f"{mod} broken ({type(e).__name__})")
+    return ", ".join(out)
+
+
+FOOTNOTE = """\
+ms: median of {repeats} steps after {warmup} warm-up steps (first calls compile: numba, jax.jit);
+  {order}.
+vs best peer: time / the faster of torch.optim fused and optax.adamw jit (lower is better).
+GB/s: 28 bytes/param / time. 28 bytes is the floor of an fp32 AdamW step: read p, g, m, v
+  (16 B), write p, m, v (12 B); nothing can move less memory.
+% floor: the floor's time / the measured time (100% = moving the 28 bytes as fast as this
+  machine moves memory). The floor's time is 28 bytes/param divided by the best of four
+  NumPy streams over {copy_mib} MiB float32 arrays, on 1 and on {threads} threads (slices,
+  NumPy releases the GIL): np.copyto(dst, src) counted as read + write, and the in-place
+  np.add(a, b, out=a) counted as 2 reads + 1 write. The second matters: a copy into
+  another array also reads each destination line before writing it (write-allocate),
+  traffic the read + write count does not see, while an in-place update writes lines it
+  has just read, as an optimizer step does; on the copy alone, fused steps score over
+  100%. Sizes that fit in cache can still beat the floor.
+torch threads: {threads}. polyopt rows use the stateful form (in place) except jax (jit with
+  donated params and state); torch.optim rows use .grad."""
+
+
+def _png(path: str, results: list[tuple[Problem, list[Row], float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1,
+        len(results),
+        figsize=(6 * len(results), 0.45 * len(IMPLEMENTATIONS) + 1.6),
+        squeeze=False,
+    )
+    from matplotlib.ticker import NullFormatter
+
+    for ax, (pb, rows, copy_gbs) in zip(axes[0], results):
+        floor_ms = FLOOR_BYTES * pb.n_params / (copy_gbs * 1e9) * 1e3
+        timed = [r.ms for r in rows if r.ms is not None] or [floor_ms]
+        left = min(floor_ms, *timed) / 2  # log scale: bars start here
+        ax.set_xscale("log")
+        ax.set_xlim(left, max(timed) * 3)
+        for y, r in enumerate(rows[::-1]):
+            if r.ms is None:
+                ax.text(left, y, "  " + r.note, va="center", fontsize=8)
+                continue
+            color = (
+                "#555555"
+                if r.name in PEERS
+                else ("#1f77b4" if r.name.startswith("polyopt") else "#aaaaaa")
+            )
+            ax.barh(y, r.ms - left, left=left, color=color)
+            ax.text(r.ms, y, f" {r.ms:.3g}", va="center", fontsize=8)
+        ax.set_yticks(range(len(rows)), [r.name for r in rows][::-1])
+        ax.axvline(
+            floor_ms, color="k", ls="--", lw=1, label=f"28 B/param floor ({floor_ms:.3g} ms)"
+        )
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("ms per fp32 AdamW step (log scale, lower is better)")
+        ax.set_title(pb.label)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- memory mode -----------------------------------------------------------------------
+
+
+def memory_rows(pb: Problem) -> list[tuple[str, int | None, str]]:
+    """(name, extra bytes at peak during one step, note) for polyopt's NumPy paths."""
+    out: list[tuple[str, int | None, str]] = []
+    for name, lib, build in IMPLEMENTATIONS:
+        if lib != "numpy":
+            continue
+        try:
+            step = build(pb)
+        except Unavailable as e:
+            out.append((name, None, str(e)))
+            continue
+        step()  # warm-up: compilation and lazy imports are not the step's memory
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            step()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        out.append((name, peak - before, ""))
+        step = None
+        gc.collect()
+    return out
+
+
+def _memory_table(pb: Problem, rows) -> str:
+    lines = [f"{pb.label}: extra memory allocated by one step (tracemalloc peak)", ""]
+    w0 = max(len(r[0]) for r in rows)
+    lines.append(f"{'implementation':<{w0}}  {'bytes':>12}  {'bytes/param':>11}")
+    lines.append(f"{'-' * w0}  {'-' * 12}  {'-' * 11}")
+    for name, nbytes, note in rows:
+        if nbytes is None:
+            lines.append(f"{name:<{w0}}  {note}")
+        else:
+            lines.append(f"{name:<{w0}}  {nbytes:>12,}  {nbytes / pb.n_params:>11.3g}")
+    return "\n".join(lines)
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="polyopt bench",
+        description="Time one float32 AdamW step: polyopt (NumPy, torch, JAX; generic and "
+        "fused) against torch.optim.AdamW and optax.adamw, on the same arrays, and against "
+        "the 28 bytes/param memory floor.",
+    )
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help=f"TOTAL/TENSORS[,...] (default {DEFAULT_SIZES}; --quick: {QUICK_SIZES}); "
+        "counts take k, M, G or 1e4 notation",
+    )
+    p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps (default 10; quick 3)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (default 3; quick 1)"
+    )
+    p.add_argument(
+        "--libs",
+        default=",".join(LIBS),
+        help=f"comma-separated subset of {','.join(LIBS)} (default all)",
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="time implementations one after the other (less memory) instead of in rounds",
+    )
+    p.add_argument("--png", metavar="PATH", help="also write a bar chart")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="instead of timing: extra bytes one step of polyopt's NumPy paths allocates",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        sizes = parse_sizes(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
+    except ValueError as e:
+        _parser().error(str(e))
+    libs = [s.strip() for s in args.libs.split(",") if s.strip()]
+    bad = sorted(set(libs) - set(LIBS))
+    if bad:
+        _parser().error(f"--libs: unknown {bad}; choose from {', '.join(LIBS)}")
+    repeats = args.repeats or (3 if args.quick else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+
+    if args.memory:
+        print("polyopt bench --memory: float32 AdamW, stateful form, after one warm-up step")
+        for n, t in sizes:
+            pb = make_problem(n, t)
+            print()
+            print(_memory_table(pb, memory_rows(pb)))
+        print(
+            "\nbytes: tracemalloc's peak during the step minus what was allocated before it "
+            "(NumPy reports its array allocations to tracemalloc; a fused path should allocate "
+            "nothing proportional to the parameter count)."
+        )
+        return 0
+
+    copy_bytes = (64 if args.quick else 256) * 2**20
+    threads = os.cpu_count() or 1
+    bw = {
+        (kind, t): bandwidth(copy_bytes, t, kind)
+        for kind in ("copy", "update")
+        for t in sorted({1, threads})
+    }
+    copy_gbs = max(bw.values())
+    print(
+        f"polyopt bench: one float32 AdamW step (lr={HP['lr']:g}, weight_decay="
+        f"{HP['weight_decay']:g}), same arrays for every implementation"
+    )
+    print(f"machine: {platform.machine()}, {threads} CPUs, Python {platform.python_version()}")
+    print(f"libraries: {_versions()}")
+    print(
+        f"memory bandwidth (GB/s, float32 arrays of {copy_bytes // 2**20} MiB): "
+        + ", ".join(f"{kind} {t} thread{'s' * (t > 1)} {v:.3g}" for (kind, t), v in bw.items())
+        + f"; floor at the best, {copy_gbs:.3g} GB/s"
+    )
+    try:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"load average before the run: {load} (other work on the machine skews timings)")
+    except OSError:  # pragma: no cover - not on this platform
+        pass
+    results = []
+    for n, t in sizes:
+        pb = make_problem(n, t)
+        n_impls = sum(lib in libs for _, lib, _ in IMPLEMENTATIONS)
+        interleave = not args.sequential and fits_interleaved(pb, n_impls)
+        if not args.sequential and not interleave:
+            print(f"\n(not enough free memory to hold {n_impls} copies: timing one at a time)")
+        rows = run_size(pb, warmup, repeats, libs, interleave)
+        results.append((pb, rows, copy_gbs))
+        print()
+        print(_table(pb, rows, copy_gbs))
+        sys.stdout.flush()
+    print()
+    print(
+        FOOTNOTE.format(
+            repeats=repeats,
+            warmup=warmup,
+            copy_mib=copy_bytes // 2**20,
+            copy_gbs=copy_gbs,
+            threads=threads,
+            order="timed one implementation after another"
+            if args.sequential
+            else "timed in rounds of one step of each implementation, so that drifts of the\n"
+            "  machine's speed (other work, memory traffic of neighbours) hit every row alike",
+        )
+    )
+    if args.png:
+        _png(args.png, results)
+        print(f"\nwrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

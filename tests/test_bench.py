@@ -1,0 +1,135 @@
+"""``python -m polyopt bench``: runs, prints its table, exits 0, writes a PNG when asked.
+
+Smoke tests on tiny sizes; no timing is asserted anywhere (timings belong to the
+command's output and to asv, not to pass/fail).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from polyopt import backends, bench
+
+
+def test_cli_prints_the_table_and_writes_a_png(tmp_path):
+    png = tmp_path / "bench.png"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "polyopt",
+            "bench",
+            "--quick",
+            "--sizes",
+            "1e4/10",
+            "--png",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "10k params in 10 tensors" in text
+    for header in ("implementation", "ms", "vs best peer", "GB/s", "% floor"):
+        assert header in text
+    for name, _, _ in bench.IMPLEMENTATIONS:  # every row is there, timed or with its n/a note
+        line = next((ln for ln in text.splitlines() if ln.startswith(name + " ")), None)
+        assert line is not None, f"no row for {name}"
+    assert "28 bytes/param" in text and "floor" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_command_is_registered():
+    from polyopt.__main__ import COMMANDS, command
+
+    assert COMMANDS["bench"][0] == "polyopt.bench:main"
+    assert command("bench") is bench.main
+
+
+def test_missing_library_is_a_note_not_an_error(monkeypatch, capsys):
+    def missing(pb):
+        raise bench.Unavailable("n/a: pip install nothing")
+
+    monkeypatch.setattr(
+        bench,
+        "IMPLEMENTATIONS",
+        [
+            ("polyopt numpy generic", "numpy", bench._polyopt_numpy("generic")),
+            ("absent library", "numpy", missing),
+        ],
+    )
+    assert (
+        bench.main(["--sizes", "1e3/3", "--repeats", "1", "--warmup", "0", "--libs", "numpy"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "absent library" in out and "n/a: pip install nothing" in out
+    assert "polyopt numpy generic" in out
+
+
+def test_libs_selects_rows(capsys):
+    assert bench.main(["--quick", "--sizes", "1e3/2", "--libs", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "polyopt numpy generic" in out
+    rows = [ln.split("  ")[0] for ln in out.splitlines()]
+    assert not any(
+        r.startswith(("torch.optim", "optax", "polyopt torch", "polyopt jax")) for r in rows
+    )
+
+
+def test_sequential_and_interleaved_time_the_same_rows():
+    pb = bench.make_problem(2_000, 4)
+    for interleave in (True, False):
+        rows = bench.run_size(pb, warmup=1, repeats=2, libs=["numpy"], interleave=interleave)
+        assert [r.name for r in rows] == [
+            n for n, lib, _ in bench.IMPLEMENTATIONS if lib == "numpy"
+        ]
+        for r in rows:
+            assert (r.ms is not None and len(r.times) == 2) or r.note.startswith("n/a")
+
+
+def test_bad_options_exit_with_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--libs", "tensorflow"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        bench.main(["--sizes", "10/100"])  # more tensors than params
+    assert "more tensors" in capsys.readouterr().err
+
+
+def test_parse_sizes():
+    assert bench.parse_sizes("10M/100,1M/1000") == [(10_000_000, 100), (1_000_000, 1000)]
+    assert bench.parse_sizes("1e4/10") == [(10_000, 10)]
+    assert bench.parse_sizes("250k") == [(250_000, 1)]
+    for bad in ("ten", "1.5/1", "0/1", "5/6"):
+        with pytest.raises(ValueError):
+            bench.parse_sizes(bad)
+
+
+def test_problem_splits_the_parameters():
+    pb = bench.make_problem(10_003, 10)
+    assert sum(p.size for p in pb.params) == 10_003 and len(pb.params) == 10
+    assert {p.size for p in pb.params} == {1000, 1001}
+    assert all(p.dtype == "float32" and g.shape == p.shape for p, g in zip(pb.params, pb.grads))
+
+
+def test_memory_mode(capsys):
+    assert bench.main(["--memory", "--sizes", "1e5/10"]) == 0
+    out = capsys.readouterr().out
+    assert "bytes/param" in out and "polyopt numpy generic" in out
+
+
+def test_fused_numpy_step_allocates_nothing_proportional_to_params():
+    if not backends.available("adamw", "numpy"):
+        pytest.skip("no NumPy fast path here (numba missing)")
+    pb = bench.make_problem(200_000, 10)
+    rows = {name: nbytes for name, nbytes, _ in bench.memory_rows(pb)}
+    # the generic step builds new p, m, v before writing back: >= 12 bytes/param
+    assert rows["polyopt numpy generic"] >= 12 * pb.n_params
+    # the fused step writes in place: small tables per tensor, nothing per parameter
+    assert rows["polyopt numpy fused"] < 0.1 * pb.n_params
+    assert rows["polyopt numpy fused, flat"] < 0.1 * pb.n_params
