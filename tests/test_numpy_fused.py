@@ -393,10 +393,12 @@ def test_thread_start_leaves_the_environment_as_it_was(policy, monkeypatch):
     else:
         monkeypatch.setenv("OMP_WAIT_POLICY", policy)
     monkeypatch.setattr(fused, "_THREADS_STARTED", False)
+    fused._start_threads()
+    assert fused._THREADS_STARTED and os.environ.get("OMP_WAIT_POLICY") == policy
     monkeypatch.setattr(fused, "THREADS", True)
     params, grads = _problem([(5,)], np.float32, steps=2)
     assert len(_compare("stateful", "adamw", {}, params, grads)) == 2
-    assert fused._THREADS_STARTED and os.environ.get("OMP_WAIT_POLICY") == policy
+    assert os.environ.get("OMP_WAIT_POLICY") == policy
 
 
 def test_the_chooser_uses_the_faster_kernel_and_probes_the_other():
@@ -421,3 +423,17 @@ def test_the_chooser_uses_the_faster_kernel_and_probes_the_other():
     assert sum(runs[-20:]) >= 16  # the pool, but for a probe of the calling thread
     ch2 = fused._Chooser()
     assert ch2.pick("a") is True and ch2.pick("b") is True  # keys are separate
+
+
+def test_auto_threads_time_both_kernels_and_agree(monkeypatch):
+    import numba
+
+    if numba.get_num_threads() == 1:
+        pytest.skip("one numba thread: the pool is never chosen")
+    monkeypatch.setattr(fused, "THREADS", "auto")
+    monkeypatch.setattr(fused, "SERIAL_BELOW", 0)
+    monkeypatch.setattr(fused, "_CHOOSER", fused._Chooser(probe=2))
+    params, grads = _problem([(50,), (3, 7)], np.float32, steps=12)
+    _compare("stateful", "adamw", {"lr": 1e-2}, params, grads)
+    ((serial, parallel, _, _),) = fused._CHOOSER.stats.values()
+    assert serial is not None and parallel is not None

@@ -35,8 +35,13 @@ count. Only the arrays that need it fall back; the rest of the group stays fused
 stateful form a group whose params overlap in memory (the same array twice) is left
 to the generic path as a whole: updated in place twice, it would differ from it.
 
-``CHUNK`` is compiled into the kernels (changing it needs a recompile); ``SERIAL_BELOW``
-is read at each step.
+Threads: groups under ``SERIAL_BELOW`` elements run on the calling thread; larger ones
+on numba's pool or the calling thread, whichever :class:`_Chooser` has timed faster
+(``THREADS`` forces either). On a small machine the step is memory-bound and a second
+thread gains little, while a pool thread that must wait for a core someone else keeps
+busy costs milliseconds; see also :func:`_start_threads`. ``CHUNK`` is compiled into
+the kernels (changing it needs a recompile); ``SERIAL_BELOW`` and ``THREADS`` are read
+at each step.
 
 ``LAST_PATH`` records how the last group was run: "span", "pointers", "split" (part
 fused, part generic or several dtypes) or "generic".
