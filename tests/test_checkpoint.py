@@ -128,8 +128,8 @@ def test_state_dict_is_not_changed_by_the_optimizer(name, backend):
     assert frozen, "this configuration must have state"
 
     # mutate the live state in place, change hyperparameters, keep stepping
-    for slots in opt.state.slots:
-        for a in slots.values():
+    for arrays in opt.state.slots.values():
+        for a in arrays:
             _fill(a, 0.5)
     opt.param_groups[0]["lr"] = 0.5
     for k in range(3, 5):

@@ -355,7 +355,8 @@ def problem(dtype: str):
 
 @functools.cache
 def generic_run(variant: str, dtype: str):
-    """polyopt's generic NumPy path: [(params, slots)] after each step."""
+    """polyopt's generic NumPy path: [(params, slots)] after each step (slots as
+    ``{name: [array per param]}``, copies)."""
     factory, hp = VARIANTS[variant]
     opt = factory(**hp, impl="generic")
     p0, gs = problem(dtype)
@@ -365,7 +366,10 @@ def generic_run(variant: str, dtype: str):
     for g in gs:
         params, state = opt.update(params, g, state)
         out.append(
-            ([p.copy() for p in params], [{n: a.copy() for n, a in s.items()} for s in state.slots])
+            (
+                [p.copy() for p in params],
+                {n: [a.copy() for a in arrays] for n, arrays in state.slots.items()},
+            )
         )
     return opt.hyperparams, opt.rule, out
 
@@ -375,7 +379,8 @@ STATE = ("m", "v", "vmax")
 
 def emulate(kern: HostKernels, variant: str, strategy: str, inplace: bool):
     """Run the kernels as polyopt.backends.cupy launches them; yield (params, slots) per
-    step. Pure steps must leave their inputs untouched (checked here)."""
+    step, slots as ``{name: [array per param]}``. Pure steps must leave their inputs
+    untouched (checked here)."""
     hp, rule, _ = generic_run(variant, kern.dtype)
     p0, gs = problem(kern.dtype)
     amsgrad = bool(hp["amsgrad"])
@@ -474,10 +479,7 @@ def emulate(kern: HostKernels, variant: str, strategy: str, inplace: bool):
         slot_names = dict(zip(STATE, names))
         yield (
             [p.copy() for p in params],
-            [
-                {slot_names[n]: views[i].copy() for n, (_, views) in state.items()}
-                for i in range(len(SHAPES))
-            ],
+            {slot_names[n]: [v.copy() for v in views] for n, (_, views) in state.items()},
         )
 
 
@@ -498,9 +500,10 @@ def test_kernels_on_cpu_match_the_generic_path(variant, dtype, strategy, inplace
         zip(emulate(kern, variant, strategy, inplace), expected, strict=True)
     ):
         checks = [(f"params[{i}]", a, b) for i, (a, b) in enumerate(zip(gp, ep))]
-        for i, (sa, sb) in enumerate(zip(gsl, esl)):
-            assert set(sa) == set(sb), (sorted(sa), sorted(sb))
-            checks += [(f"state[{i}][{n!r}]", sa[n], sb[n]) for n in sb]
+        assert set(gsl) == set(esl), (sorted(gsl), sorted(esl))
+        for n, arrays in esl.items():
+            assert len(gsl[n]) == len(arrays) == len(SHAPES), (n, len(gsl[n]), len(arrays))
+            checks += [(f"state[{n!r}][{i}]", a, b) for i, (a, b) in enumerate(zip(gsl[n], arrays))]
         for what, a, b in checks:
             assert a.dtype == b.dtype, f"{what}: dtype {a.dtype}, expected {b.dtype}"
             e = rel_error(a, b)
@@ -722,8 +725,10 @@ def test_cupy_module_launch_logic_on_cpu(variant, dtype, layout, inplace, cupy_o
     ref_p = [np.array(p, copy=True) for p in params]
     ref_state = opt.init(ref_p)
     slots = mod.init(xp, params, rule.slots(hp))
+    assert set(slots) == set(rule.slots(hp))  # {name: one array per param}
     for name in rule.slots(hp):  # the state is flat and zero
-        views = [s[name] for s in slots]
+        views = slots[name]
+        assert len(views) == len(params)
         assert all(isinstance(v, FakeCupyArray) and not v.any() for v in views)
         assert flat.span(views) is not None or not any(v.size for v in views)
     for k in range(STEPS):
@@ -737,7 +742,7 @@ def test_cupy_module_launch_logic_on_cpu(variant, dtype, layout, inplace, cupy_o
             grads_in = [g.view(FakeCupyArray) for g in grads]
         before = (
             [np.array(p, copy=True) for p in params],
-            [{n: np.array(a, copy=True) for n, a in s.items()} for s in slots],
+            {n: [np.array(a, copy=True) for a in arrays] for n, arrays in slots.items()},
         )
         CALLS.clear()
         new_p, new_slots = mod.step(
@@ -748,25 +753,29 @@ def test_cupy_module_launch_logic_on_cpu(variant, dtype, layout, inplace, cupy_o
             path = ("span",)  # the pure step's outputs are flat: the next step is one span
         assert mod.LAST_PATH == path
         assert len(CALLS) == len(path)  # the launches it says it made
+        assert set(new_slots) == set(slots)
         if inplace:
             assert all(a is b for a, b in zip(new_p, params))
-            assert all(new_slots[i][n] is slots[i][n] for i in range(len(slots)) for n in slots[i])
+            for n, arrays in slots.items():
+                assert len(new_slots[n]) == len(arrays)
+                assert all(a is b for a, b in zip(new_slots[n], arrays))
         else:
             for a, b in zip(params, before[0]):
                 np.testing.assert_array_equal(a, b)
-            for s, sb in zip(slots, before[1]):
-                for n in sb:
-                    np.testing.assert_array_equal(s[n], sb[n])
+            for n, arrays in before[1].items():
+                for a, b in zip(slots[n], arrays, strict=True):
+                    np.testing.assert_array_equal(a, b)
             assert all(a is not b for a, b in zip(new_p, params))
         params, slots = new_p, new_slots
         ref_p, ref_state = opt.update(ref_p, grads, ref_state)
         for i, (a, b) in enumerate(zip(params, ref_p)):
             assert a.shape == b.shape and a.dtype == b.dtype
             assert rel_error(a, b) <= TOL[dtype], f"params[{i}] step {k + 1}"
-        for i, (sa, sb) in enumerate(zip(slots, ref_state.slots)):
-            assert set(sa) == set(sb)
-            for n in sb:
-                assert rel_error(sa[n], sb[n]) <= TOL[dtype], f"state[{i}][{n}] step {k + 1}"
+        assert set(slots) == set(ref_state.slots)
+        for n, arrays in ref_state.slots.items():
+            assert len(slots[n]) == len(arrays)
+            for i, (a, b) in enumerate(zip(slots[n], arrays)):
+                assert rel_error(a, b) <= TOL[dtype], f"state[{n}][{i}] step {k + 1}"
 
 
 def test_cupy_module_falls_back_to_the_generic_rule_for_an_array_step(cupy_on_cpu):
@@ -820,7 +829,8 @@ GPU_TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2}
 
 
 def _gpu_run(variant, dtype, shape, impl, form, steps=STEPS, layout="list"):
-    """[(params, slots)] as NumPy after each step; pure form: inputs must not change."""
+    """[(params, slots)] as NumPy after each step, slots as ``{name: [array per param]}``;
+    pure form: inputs must not change."""
     import cupy as cp
 
     from polyopt import flat
@@ -851,7 +861,7 @@ def _gpu_run(variant, dtype, shape, impl, form, steps=STEPS, layout="list"):
             out.append(
                 (
                     [p.get() for p in params],
-                    [{n: a.get() for n, a in s.items()} for s in opt.state.slots],
+                    {n: [a.get() for a in arrays] for n, arrays in opt.state.slots.items()},
                 )
             )
     else:
@@ -861,21 +871,19 @@ def _gpu_run(variant, dtype, shape, impl, form, steps=STEPS, layout="list"):
             grads = [cp.asarray(x) for x in g]
             before = (
                 [p.get() for p in params],
-                [{n: a.get() for n, a in s.items()} for s in state.slots],
+                {n: [a.get() for a in arrays] for n, arrays in state.slots.items()},
             )
             new_params, new_state = opt.update(params, grads, state)
             for a, b in zip(params, before[0]):
                 np.testing.assert_array_equal(a.get(), b, err_msg="pure update changed params")
-            for s, sb in zip(state.slots, before[1]):
-                for n in sb:
-                    np.testing.assert_array_equal(
-                        s[n].get(), sb[n], err_msg="pure update changed state"
-                    )
+            for n, arrays in before[1].items():
+                for a, b in zip(state.slots[n], arrays, strict=True):
+                    np.testing.assert_array_equal(a.get(), b, err_msg="pure update changed state")
             params, state = new_params, new_state
             out.append(
                 (
                     [p.get() for p in params],
-                    [{n: a.get() for n, a in s.items()} for s in state.slots],
+                    {n: [a.get() for a in arrays] for n, arrays in state.slots.items()},
                 )
             )
     return out
@@ -887,10 +895,11 @@ def _compare(got, expected, tol):
         for a, b in zip(gp, ep):
             assert a.dtype == b.dtype
             worst = max(worst, rel_error(a, b))
-        for sa, sb in zip(gsl, esl):
-            assert set(sa) == set(sb)
-            for n in sb:
-                worst = max(worst, rel_error(sa[n], sb[n]))
+        assert set(gsl) == set(esl)
+        for n, arrays in esl.items():
+            assert len(gsl[n]) == len(arrays)
+            for a, b in zip(gsl[n], arrays):
+                worst = max(worst, rel_error(a, b))
     assert worst <= tol, f"error {worst:.3g} > {tol:g}"
     return worst
 
@@ -953,9 +962,12 @@ def test_gpu_thousand_small_arrays_take_one_multi_tensor_launch(inplace):
             assert fused.LAST_PATH == ("multi_tensor",)
     for a, b in zip(results["fused"][0], results["generic"][0]):
         assert rel_error(a, b) <= 1e-5
-    for sa, sb in zip(results["fused"][1], results["generic"][1]):
-        for n in sb:
-            assert rel_error(sa[n].get(), sb[n].get()) <= 1e-5
+    fused_slots, generic_slots = results["fused"][1], results["generic"][1]
+    assert set(fused_slots) == set(generic_slots)
+    for n, arrays in generic_slots.items():
+        assert len(fused_slots[n]) == len(arrays) == len(shapes)
+        for a, b in zip(fused_slots[n], arrays):
+            assert rel_error(a.get(), b.get()) <= 1e-5
 
 
 @pytest.mark.gpu
@@ -1003,9 +1015,8 @@ def test_gpu_auto_uses_the_fused_path_and_array_lr_falls_back():
     grads = [cp.ones(10, dtype=cp.float32), cp.ones(3, dtype=cp.float32)]
     xp = array_api_compat.array_namespace(*params)
     ps, ss = fused.step(xp, params, grads, opt.state.slots, hp, 1, False)
-    assert (
-        fused.LAST_PATH == ("generic",) and len(ps) == 2 and set(ss[0]) == {"exp_avg", "exp_avg_sq"}
-    )
+    assert fused.LAST_PATH == ("generic",) and len(ps) == 2
+    assert set(ss) == {"exp_avg", "exp_avg_sq"} and all(len(a) == 2 for a in ss.values())
 
 
 @pytest.mark.gpu

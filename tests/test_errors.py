@@ -402,7 +402,7 @@ def test_state_for_fewer_params(name):
     factory, _ = polyopt.OPTIMIZERS[name]
     opt = factory(**CFG[name])
     state = opt.init([_ones(3), _ones(2)])
-    with pytest.raises(ValueError, match=r"state.*\b2\b.*\b1\b"):
+    with pytest.raises(ValueError, match=r"state slot '\w+' holds 2 arrays but params has 1"):
         opt.update([_ones(3)], [_ones(3)], state)
 
 
@@ -449,6 +449,40 @@ def test_state_not_an_optstate(name):
     opt = factory(**CFG[name])
     with pytest.raises(TypeError, match=r"state.*dict"):
         opt.update([_ones(3)], [_ones(3)], {"step": 0, "slots": ()})
+
+
+@pytest.mark.parametrize(
+    ("init_amsgrad", "update_amsgrad", "rx"),
+    [
+        ((True, False), (True, True), r"params leaf 1 lacks 'max_exp_avg_sq'"),
+        ((True, False), (False, True), r"params leaf 0 holds 'max_exp_avg_sq'"),
+    ],
+)
+def test_state_made_with_other_options_in_one_group(init_amsgrad, update_amsgrad, rx):
+    """Slots used by one group only hold None for the other group's arrays."""
+    opt = polyopt.adam(lr=0.01)
+
+    def groups(amsgrad):
+        return [
+            {"params": [_ones(3)], "amsgrad": amsgrad[0]},
+            {"params": [_ones(2)], "amsgrad": amsgrad[1]},
+        ]
+
+    state = opt.init(groups(init_amsgrad))
+    assert state.slots["max_exp_avg_sq"][1] is None
+    with pytest.raises(ValueError, match=rx):
+        opt.update(groups(update_amsgrad), [[_ones(3)], [_ones(2)]], state)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_in_the_per_array_layout(name):
+    """A state whose slots are one dict per array (not {name: tuple}) is refused."""
+    factory, _ = polyopt.OPTIMIZERS[name]
+    opt = factory(**CFG[name])
+    state = opt.init([_ones(3)])
+    per_array = polyopt.OptState(state.step, tuple(state.per_array(1)))
+    with pytest.raises(TypeError, match=r"state\.slots.*dict.*tuple"):
+        opt.update([_ones(3)], [_ones(3)], per_array)
 
 
 # -- atomicity of step -----------------------------------------------------------------------
@@ -623,13 +657,14 @@ def test_failed_update_does_not_touch_inputs(name):
     state = opt.init(params)
     params, state = opt.update(params, _grads("numpy", 0), state)
     before_p = [p.copy() for p in params]
-    before_s = [{k: v.copy() for k, v in s.items()} for s in state.slots]
+    before_s = {name: [v.copy() for v in arrays] for name, arrays in state.slots.items()}
     with pytest.raises(ValueError):
         opt.update(params, _bad_last("shape", "numpy", _grads("numpy", 1)), state)
     for p, q in zip(params, before_p, strict=True):
         assert np.array_equal(p, q)
-    for s, t in zip(state.slots, before_s, strict=True):
-        assert set(s) == set(t) and all(np.array_equal(s[k], t[k]) for k in s)
+    assert set(state.slots) == set(before_s)
+    for name, arrays in state.slots.items():
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, before_s[name], strict=True))
     assert state.step == 1
 
 

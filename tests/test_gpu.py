@@ -76,7 +76,9 @@ SLOTS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
 
 
 def polyopt_torch_run(device, dtype, p0, gs):
-    """polyopt.AdamW (stateful, in place) on torch tensors: [(params, slots)] per step."""
+    """polyopt.AdamW (stateful, in place) on torch tensors: [(params, slots)] per step,
+    slots as one dict per param (``OptState.per_array``), like torch.optim's state. Both
+    are cloned: the fused path updates the state tensors in place, step after step."""
     import torch
 
     params = [torch.tensor(p, dtype=dtype, device=device) for p in p0]
@@ -85,7 +87,10 @@ def polyopt_torch_run(device, dtype, p0, gs):
     out = []
     for g in gs:
         opt.step([torch.tensor(x, dtype=dtype, device=device) for x in g])
-        out.append(([p.clone() for p in params], [dict(s) for s in opt.state.slots]))
+        slots = opt.state.per_array(len(params))
+        out.append(
+            ([p.clone() for p in params], [{n: a.clone() for n, a in s.items()} for s in slots])
+        )
     # in place: the user's tensors were updated, on their device, in their dtype
     assert all(a is b for a, b in zip(opt.params, originals))
     for p in params:
@@ -260,10 +265,11 @@ def test_cupy_generic_path_matches_numpy(name, dtype):
         rp, rs = ref[k]
         for i, (a, d) in enumerate(zip(params, rp)):
             check(a, d, f"{name} functional params[{i}] step {k + 1}")
-        for i, (sa, sd) in enumerate(zip(state.slots, rs)):
-            assert set(sa) == set(sd)
-            for n in sd:
-                check(sa[n], sd[n], f"{name} functional state[{i}][{n!r}] step {k + 1}")
+        assert set(state.slots) == set(rs)
+        for n, arrays in rs.items():
+            assert len(state.slots[n]) == len(arrays)
+            for i, (a, d) in enumerate(zip(state.slots[n], arrays)):
+                check(a, d, f"{name} functional state[{n!r}][{i}] step {k + 1}")
 
     # stateful form: in place, the user's arrays
     params = [cp.asarray(p.astype(dtype)) for p in p0]

@@ -112,12 +112,16 @@ def assert_same_step(params, slots, ref, what):
     for k in ref_p:
         assert params[k].dtype == jnp.float32, f"{what}: params[{k!r}] dtype {params[k].dtype}"
         assert_close(params[k], ref_p[k], f"{what}: params[{k!r}]")
-    assert len(slots) == len(ref_s), what
-    for i, (s, r) in enumerate(zip(slots, ref_s)):
-        assert set(s) == set(r), f"{what}: state[{i}] holds {sorted(s)}, numpy {sorted(r)}"
-        for n in r:
-            assert s[n].dtype == jnp.float32, f"{what}: state[{i}][{n!r}] dtype {s[n].dtype}"
-            assert_close(s[n], r[n], f"{what}: state[{i}][{n!r}]")
+    assert set(slots) == set(ref_s), f"{what}: state holds {sorted(slots)}, numpy {sorted(ref_s)}"
+    for n, refs in ref_s.items():
+        arrays = slots[n]
+        assert len(arrays) == len(refs), f"{what}: state[{n!r}] holds {len(arrays)} arrays"
+        for i, (a, r) in enumerate(zip(arrays, refs)):
+            assert (a is None) == (r is None), f"{what}: state[{n!r}][{i}] is {a!r}, numpy {r!r}"
+            if r is None:
+                continue
+            assert a.dtype == jnp.float32, f"{what}: state[{n!r}][{i}] dtype {a.dtype}"
+            assert_close(a, r, f"{what}: state[{n!r}][{i}]")
 
 
 # -- jit -------------------------------------------------------------------------------
@@ -226,7 +230,7 @@ def test_vmap_over_independent_problems(name):
         for b in range(BATCH):
             assert_same_step(
                 {n: v[b] for n, v in params.items()},
-                [{n: a[b] for n, a in s.items()} for s in state.slots],
+                {n: tuple(a[b] for a in arrays) for n, arrays in state.slots.items()},
                 refs[b][k],
                 f"{name} vmap problem {b} step {k + 1}",
             )
@@ -253,7 +257,7 @@ def test_vmap_with_shared_step_count():
     for b in range(BATCH):
         assert_same_step(
             {n: v[b] for n, v in params.items()},
-            [{n: a[b] for n, a in s.items()} for s in state.slots],
+            {n: tuple(a[b] for a in arrays) for n, arrays in state.slots.items()},
             refs[b][-1],
             f"adam vmap (shared step) problem {b}",
         )
@@ -336,12 +340,12 @@ X64_SCRIPT = textwrap.dedent(
         pn, sn = opt.update(pn, g, sn)
         pj, sj = upd(pj, {k: jnp.asarray(v) for k, v in g.items()}, sj)
         err = max([err] + [float(np.max(np.abs(np.asarray(pj[k]) - pn[k]))) for k in pn])
-        err = max([err] + [float(np.max(np.abs(np.asarray(a[n]) - b[n])))
-                           for a, b in zip(sj.slots, sn.slots) for n in a])
+        err = max([err] + [float(np.max(np.abs(np.asarray(a) - b)))
+                           for n in sj.slots for a, b in zip(sj.slots[n], sn.slots[n])])
     out["step_dtype"] = str(sj.step.dtype)
     out["step"] = int(sj.step)
     out["param_dtypes"] = sorted({str(v.dtype) for v in pj.values()})
-    out["slot_dtypes"] = sorted({str(a.dtype) for s in sj.slots for a in s.values()})
+    out["slot_dtypes"] = sorted({str(a.dtype) for arrays in sj.slots.values() for a in arrays})
     out["max_abs_err"] = err
     print("RESULT" + json.dumps(out))
     """
@@ -426,21 +430,24 @@ SHARDING_SCRIPT = textwrap.dedent(
         return p, s.slots
 
     def report(params, slots, shard, ref):
-        keys = sorted(params)  # slots are in sorted-key order, as params are flattened
+        keys = sorted(params)  # each slot's arrays: sorted-key order, as params are flattened
         bad = []
         for k in keys:
             if not params[k].sharding.is_equivalent_to(shard[k], params[k].ndim):
                 bad.append(f"params[{k}]: {params[k].sharding}")
-        for k, s in zip(keys, slots):
-            for n, a in s.items():
+        for n, arrays in slots.items():
+            if len(arrays) != len(keys):
+                bad.append(f"state[{n}]: {len(arrays)} arrays for {len(keys)} params")
+            for k, a in zip(keys, arrays):
                 if not a.sharding.is_equivalent_to(shard[k], a.ndim):
-                    bad.append(f"state[{k}][{n}]: {a.sharding}")
+                    bad.append(f"state[{n}][{k}]: {a.sharding}")
         rp, rs = ref
         err = max(float(np.max(np.abs(np.asarray(params[k]) - rp[k]) / (np.abs(rp[k]) + 1)))
                   for k in keys)
-        err = max([err] + [float(np.max(np.abs(np.asarray(a[n]) - b[n]) / (np.abs(b[n]) + 1)))
-                           for a, b in zip(slots, rs) for n in a])
-        return {"bad_shardings": bad, "err": err, "nslots": sum(len(s) for s in slots)}
+        err = max([err] + [float(np.max(np.abs(np.asarray(a) - b) / (np.abs(b) + 1)))
+                           for n in slots for a, b in zip(slots[n], rs[n])])
+        nslots = sum(a is not None for arrays in slots.values() for a in arrays)
+        return {"bad_shardings": bad, "err": err, "nslots": nslots}
 
     def jitted(name, shard, init_jitted):
         opt = polyopt.OPTIMIZERS[name][0](**OPTS[name])

@@ -22,7 +22,7 @@ def test_half_precision_params_compute_in_float32_and_stay_half():
     p = np.full(4, 1000.0, dtype=np.float16)
     opt = polyopt.adam(lr=1.0)
     new, state = opt.update(p, np.full(4, 300.0, dtype=np.float16), opt.init(p))
-    assert new.dtype == np.float16 and state.slots[0]["exp_avg_sq"].dtype == np.float16
+    assert new.dtype == np.float16 and state.slots["exp_avg_sq"][0].dtype == np.float16
     # g² = 9e4 overflows float16 (max 65504) if squared in half precision; in float32 the
     # first Adam step is lr · sign(g) exactly
     np.testing.assert_array_equal(new, np.float16(999.0))

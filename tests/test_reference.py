@@ -79,7 +79,7 @@ def test_functional_matches_reference(case, problem):
             np.testing.assert_array_equal(p, b)
         params = new_params
         assert state.step == k + 1
-        _compare_step(case, k, params, state.slots, *ref[k])
+        _compare_step(case, k, params, state.per_array(len(params)), *ref[k])
 
 
 @pytest.mark.parametrize("case", C.CASES, ids=C.CASE_IDS)

@@ -198,7 +198,7 @@ def test_functional_form_mutates_nothing(name, backend):
 
     grads = build("dict-with-list", backend, 2)
     p_before, g_before = _deep_values(params), _deep_values(grads)
-    s_before = [{k: to_np(v) for k, v in s.items()} for s in state.slots]
+    s_before = {name: [to_np(v) for v in arrays] for name, arrays in state.slots.items()}
     step_before = state.step
     ids_before = {path: id(x) for path, x in leaves(params).items()}
 
@@ -207,10 +207,10 @@ def test_functional_form_mutates_nothing(name, backend):
     _assert_values(params, p_before)
     _assert_values(grads, g_before)
     assert state.step == step_before and new_state.step == step_before + 1
-    for s, before in zip(state.slots, s_before, strict=True):
-        assert set(s) == set(before)
-        for k in s:
-            assert np.array_equal(to_np(s[k]), before[k])
+    assert set(state.slots) == set(s_before)
+    for name, arrays in state.slots.items():
+        for i, (v, before) in enumerate(zip(arrays, s_before[name], strict=True)):
+            assert np.array_equal(to_np(v), before), (name, i)
     assert {path: id(x) for path, x in leaves(params).items()} == ids_before
     old_leaves, new_leaves = leaves(params), leaves(new)
     for path in old_leaves:

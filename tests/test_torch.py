@@ -90,7 +90,7 @@ def test_numpy_functional_matches_torch(case):
         state = opt.init(params)
         for g in grads:
             params, state = opt.update(params, g, state)
-            yield params, state.slots
+            yield params, state.per_array(len(params))
 
     compare_with_torch(case, run, "numpy")
 
@@ -106,7 +106,8 @@ def test_stateful_on_torch_tensors_matches_torch(case):
             for t, g in zip(tensors, gs, strict=True):
                 t.grad = torch.tensor(g, dtype=torch.float64)
             opt.step()
-            slots = [{n: v.numpy() for n, v in s.items()} for s in opt.state.slots]
+            per_array = opt.state.per_array(len(tensors))
+            slots = [{n: v.numpy() for n, v in s.items()} for s in per_array]
             yield [t.numpy() for t in tensors], slots
 
     compare_with_torch(case, run, "torch tensors")

@@ -108,9 +108,10 @@ def _compare(form, name, hp, params, grads):
     )
     for k, ((fp, fs), (gp, gs)) in enumerate(runs):
         entries = {"params": (fp, gp)}
-        for n in gs[0]:
-            assert all(set(a) == set(b) for a, b in zip(fs, gs))
-            entries[n] = ([s[n] for s in fs], [s[n] for s in gs])
+        assert set(fs) == set(gs)
+        for n, arrays in gs.items():
+            assert len(fs[n]) == len(arrays)
+            entries[n] = (list(fs[n]), list(arrays))
         for what, (a, b) in entries.items():
             for dt, err in _error(a, b).items():
                 assert err <= TOL[dt], f"{what} ({dt}) after step {k + 1}: {err:.3g}"
@@ -161,18 +162,19 @@ def test_pure_form_does_not_mutate_inputs():
     before = (
         [p.clone() for p in params],
         [g.clone() for g in grads[1]],
-        [{n: a.clone() for n, a in s.items()} for s in state.slots],
+        {n: [a.clone() for a in arrays] for n, arrays in state.slots.items()},
     )
     new_params, new_state = opt.update(params, grads[1], state)
     for a, b in zip(params, before[0]):
         assert torch.equal(a, b)
     for a, b in zip(grads[1], before[1]):
         assert torch.equal(a, b)
-    for sa, sb in zip(state.slots, before[2]):
-        assert all(torch.equal(sa[n], sb[n]) for n in sb)
-    for p, q, s, t in zip(params, new_params, state.slots, new_state.slots):
+    for n, arrays in before[2].items():
+        assert all(torch.equal(a, b) for a, b in zip(state.slots[n], arrays))
+    for p, q in zip(params, new_params):
         assert q is not p
-        assert all(t[n] is not s[n] for n in s)
+    for n, arrays in state.slots.items():
+        assert all(t is not s for s, t in zip(arrays, new_state.slots[n]))
     assert any(not torch.equal(p, q) for p, q in zip(params, new_params))
 
 

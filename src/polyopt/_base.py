@@ -17,6 +17,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, NamedTuple
 
 from . import _tree, _xp, backends
@@ -57,12 +58,44 @@ class OptState(NamedTuple):
 
     ``step``: how many updates have been applied (a Python int, or a 0-d int32 array
     for JAX so that ``jax.jit`` does not recompile each step).
-    ``slots``: one dict per parameter array (in flattening order) of state arrays, named
-    as ``torch.optim`` names them (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``...).
+    ``slots``: ``{slot name: tuple}``, the tuple holding one state array per parameter
+    array (in flattening order, across groups), or ``None`` for an array whose group
+    does not use that slot (say, AMSGrad on in one group only). Names are
+    ``torch.optim``'s (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``...), so the
+    first moment of array ``i`` is ``state.slots["exp_avg"][i]``. One tuple per slot,
+    as optax keeps them, makes the state cheap to flatten: ``jax.jit`` dispatch walks
+    two tuples rather than one dict per array.
     """
 
     step: Any
-    slots: tuple
+    slots: dict
+
+    def per_array(self, n: int | None = None) -> list[dict]:
+        """The state as one dict of slots per parameter array, like torch's
+        ``optimizer.state[p]``. ``n``: the number of parameter arrays; needed only
+        for an optimizer that keeps no state (plain SGD), whose ``slots`` is empty."""
+        sizes = {len(arrays) for arrays in self.slots.values()}
+        if n is None:
+            n = sizes.pop() if len(sizes) == 1 else (0 if not sizes else None)
+        if n is None or any(size != n for size in sizes):
+            raise ValueError(f"state slots hold {sorted(sizes)} arrays each; expected {n}")
+        return [
+            {name: arrays[i] for name, arrays in self.slots.items() if arrays[i] is not None}
+            for i in range(n)
+        ]
+
+
+def _join_slots(parts: list[tuple[int, Mapping]]) -> dict:
+    """``{name: tuple}`` over all arrays from per-group ``(count, {name: sequence})``;
+    ``None`` where a group lacks a slot. Keys sorted, as ``jax.jit`` rebuilds dicts."""
+    names = sorted({name for _, cols in parts for name in cols})
+    if len(parts) == 1:
+        cols = parts[0][1]
+        return {name: tuple(cols[name]) for name in names}
+    return {
+        name: tuple(chain.from_iterable(cols.get(name, (None,) * n) for n, cols in parts))
+        for name in names
+    }
 
 
 def _group_label(i: int, grouped: bool) -> str:
@@ -148,17 +181,20 @@ class Optimizer:
         leaves = [leaf for lv, _ in flat for leaf in lv]
         xp = self._check_arrays(leaves, "params")
         fast = backends.lookup(self.rule.name, _xp.backend_name(leaves[0]), self.impl)
-        slots = []
+        parts = []
         with _xp.no_grad(xp):
             for gi, (hp, (lv, _)) in enumerate(zip(groups, flat)):
                 _check_eps(xp, hp, lv, _group_label(gi, grouped))
                 hp0 = _at_step(hp, 0, self.rule.schedulable)
+                names = self.rule.slots(hp0)
                 if fast is not None and fast.init is not None:  # e.g. flat state buffers
-                    slots.extend(fast.init(xp, lv, self.rule.slots(hp0)))
+                    cols = fast.init(xp, lv, names)
                 else:
-                    slots.extend(self.rule.init_slots(p, hp0, xp) for p in lv)
+                    per = [self.rule.init_slots(p, hp0, xp) for p in lv]
+                    cols = {name: [s[name] for s in per] for name in names}
+                parts.append((len(lv), cols))
         step = xp.asarray(0, dtype=xp.int32) if _xp.is_jax(xp) else 0
-        return OptState(step, tuple(slots))
+        return OptState(step, _join_slots(parts))
 
     def update(self, params: Any, grads: Any, state: OptState) -> tuple[Any, OptState]:
         """Apply one step; returns ``(new_params, new_state)`` and mutates nothing.
@@ -202,28 +238,40 @@ class Optimizer:
         k = state.step
         # every schedule evaluated (and checked) before any array is touched
         hps = [_at_step(hp, k, self.rule.schedulable) for hp in groups]
-        new_leaves, new_slots = [], []
+        new_leaves, parts = [], []
         with _xp.no_grad(xp):
             i = 0
             for hp_k, (lv, _) in zip(hps, flat):
-                g_lv, s_lv = grad_leaves[i : i + len(lv)], state.slots[i : i + len(lv)]
+                m = len(lv)
+                g_lv = grad_leaves[i : i + m]
+                s_lv = {name: state.slots[name][i : i + m] for name in self.rule.slots(hp_k)}
                 if fast is not None:  # a fused group step: same math, fewer passes
                     ps, ss = fast.step(xp, lv, g_lv, s_lv, hp_k, k, inplace)
                 else:
-                    ps, ss = [], []
-                    for p, g, s in zip(lv, g_lv, s_lv):
-                        new_p, new_s = self._step_one(xp, p, g, s, hp_k, k)
-                        ps.append(new_p)
-                        ss.append(new_s)
+                    ps, ss = self._step_group(xp, lv, g_lv, s_lv, hp_k, k)
                 new_leaves.extend(ps)
-                new_slots.extend(ss)
-                i += len(lv)
+                parts.append((m, ss))
+                i += m
 
         new_trees, start = [], 0
         for lv, structure in flat:
             new_trees.append(_tree.unflatten(structure, new_leaves[start : start + len(lv)]))
             start += len(lv)
-        return new_trees, OptState(k + 1, tuple(new_slots))
+        return new_trees, OptState(k + 1, _join_slots(parts))
+
+    def _step_group(self, xp, params, grads, slots, hp, k) -> tuple[list, dict]:
+        """The generic path for one group: the rule applied to each array in turn.
+        ``slots`` is ``{name: sequence}`` for the group; returns ``(params, slots)``
+        in the same form (lists)."""
+        names = tuple(slots)
+        new_params: list = []
+        new_slots: dict = {name: [] for name in names}
+        for j, (p, g) in enumerate(zip(params, grads)):
+            new_p, new_s = self._step_one(xp, p, g, {n: slots[n][j] for n in names}, hp, k)
+            new_params.append(new_p)
+            for name in names:
+                new_slots[name].append(new_s[name])
+        return new_params, new_slots
 
     def _step_one(self, xp, p, g, slots, hp, k):
         cdt = _xp.compute_dtype(xp, p.dtype)
@@ -270,25 +318,40 @@ class Optimizer:
     def _check_state(self, state: Any, groups: list, flat: list) -> None:
         if not isinstance(state, OptState):
             raise TypeError(f"state must be the OptState from init(), got {type(state).__name__}")
-        n = sum(len(lv) for lv, _ in flat)
-        if len(state.slots) != n:
-            raise ValueError(
-                f"state holds {len(state.slots)} parameter arrays but params has {n}; "
-                "was it made by init() on these params?"
+        slots = state.slots
+        if not isinstance(slots, Mapping):
+            raise TypeError(
+                f"state.slots must be the dict of slot tuples from init(), got "
+                f"{type(slots).__name__}"
             )
+        group_names = [set(self.rule.slots(hp)) for hp in groups]
+        need = set().union(*group_names)
+        if set(slots) != need:
+            raise ValueError(
+                f"state holds the slots {sorted(slots)}, the hyperparameters need "
+                f"{sorted(need)} (was amsgrad/momentum/centered changed after init?)"
+            )
+        n = sum(len(lv) for lv, _ in flat)
+        for name, arrays in slots.items():
+            if not isinstance(arrays, (tuple, list)) or len(arrays) != n:
+                got = len(arrays) if isinstance(arrays, (tuple, list)) else type(arrays).__name__
+                raise ValueError(
+                    f"state slot {name!r} holds {got} arrays but params has {n}; "
+                    "was it made by init() on these params?"
+                )
         i = 0
-        for hp, (lv, _) in zip(groups, flat):
-            names = set(self.rule.slots(hp))
+        for names, (lv, _) in zip(group_names, flat):
             for p in lv:
-                slots = state.slots[i]
-                if set(slots) != names:
-                    raise ValueError(
-                        f"state for params leaf {i} holds {sorted(slots)}, the "
-                        f"hyperparameters need {sorted(names)} (was amsgrad/momentum/centered "
-                        "changed after init?)"
-                    )
-                for name, a in slots.items():
-                    if tuple(a.shape) != tuple(p.shape) or a.dtype != p.dtype:
+                for name in sorted(need):
+                    a = slots[name][i]
+                    if (a is None) == (name in names):
+                        raise ValueError(
+                            f"state for params leaf {i} "
+                            + ("lacks" if a is None else "holds")
+                            + f" {name!r}, its group's hyperparameters need {sorted(names)} "
+                            "(was amsgrad/momentum/centered changed after init?)"
+                        )
+                    if a is not None and (tuple(a.shape) != tuple(p.shape) or a.dtype != p.dtype):
                         raise ValueError(
                             f"state for params leaf {i} has {name!r} of shape {tuple(a.shape)} "
                             f"and dtype {a.dtype}, expected {tuple(p.shape)} and {p.dtype}; "
@@ -433,7 +496,7 @@ class StatefulOptimizer:
             "step": self.step_count,
             "state": {
                 i: {name: _xp.copy(xp, a) for name, a in slots.items()}
-                for i, slots in enumerate(self._state.slots)
+                for i, slots in enumerate(self._state.per_array(start))
             },
             "param_groups": groups,
         }
@@ -500,10 +563,12 @@ class StatefulOptimizer:
             slots.append(
                 {n: _xp.copy(xp, xp.asarray(a, device=dev)) for n, a in saved_state[i].items()}
             )
+        names = sorted({name for s in slots for name in s})
+        columns = {name: tuple(s.get(name) for s in slots) for name in names}
         # everything checked and copied: now commit
         for mine, new in zip(self.param_groups, new_groups):
             mine.update(new)
-        self._state = OptState(step, tuple(slots))
+        self._state = OptState(step, columns)
 
 
 def _dtype_name(dtype: Any) -> str:

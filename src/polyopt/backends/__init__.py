@@ -7,11 +7,15 @@ numbers within the dtype's tolerance; the conformance matrix holds it to that.
 A :class:`FastPath` has
 
 - ``step(xp, params, grads, slots, hp, k, inplace) -> (params, slots)``: one update of
-  a group. ``hp`` are the group's hyperparameters at step ``k`` (the 0-based count before
-  this update). With ``inplace`` (the stateful form) it may write into ``params`` and
-  ``slots`` and return them; without, it must leave its inputs untouched (pure).
-- ``init(xp, params, names) -> slots`` (optional): the state of a group, e.g. as views
-  into one flat buffer per slot so that one kernel launch can update them all.
+  a group. ``params`` and ``grads`` are sequences of arrays, ``slots`` is
+  ``{slot name: sequence}`` (one array per param, as in ``OptState.slots``); the new
+  slots come back in that form. ``hp`` are the group's hyperparameters at step ``k`` (the
+  0-based count before this update). With ``inplace`` (the stateful form) it may write
+  into ``params`` and ``slots`` and return them; without, it must leave its inputs
+  untouched (pure).
+- ``init(xp, params, names) -> slots`` (optional): the state of a group as
+  ``{name: list}``, e.g. views into one flat buffer per slot so that one kernel launch
+  can update them all.
 
 The dispatch point is :func:`lookup`, called once per update by the engine:
 ``impl="generic"`` never uses a fast path, ``"fused"`` requires one (a clear error

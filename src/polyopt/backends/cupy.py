@@ -114,14 +114,12 @@ def _empty_like(xp: Any, arrays: list) -> list:
     return out
 
 
-def init(xp: Any, params: list, names: tuple[str, ...]) -> list[dict]:
+def init(xp: Any, params: list, names: tuple[str, ...]) -> dict[str, list]:
     """Zero state, flat: for each slot, one buffer per dtype holding every array's view."""
-    slots: list[dict] = [{} for _ in params]
+    slots: dict[str, list] = {}
     for name in names:
-        views = _empty_like(xp, params)
-        for i, v in enumerate(views):
-            slots[i][name] = v
-        for buffer in _buffers(views):
+        slots[name] = _empty_like(xp, params)
+        for buffer in _buffers(slots[name]):
             buffer.fill(0)
     return slots
 
@@ -139,19 +137,19 @@ def _buffers(views: list) -> list:
 
 
 def step(
-    xp: Any, params: list, grads: list, slots: list, hp: dict, k: Any, inplace: bool
-) -> tuple[list, list[dict]]:
+    xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inplace: bool
+) -> tuple[list, dict]:
     """One fused Adam/AdamW update of a group (see the module docstring)."""
     global LAST_PATH
     host = src.kernel_scalars(hp, k)
     if host is None:  # an array lr / weight_decay / step count: the generic rule
         LAST_PATH = ("generic",)
         LAUNCHES["generic"] += 1
-        return _generic(xp, params, grads, slots, hp, k)
+        return _GENERIC._step_group(xp, params, grads, slots, hp, k)
 
     names = _slot_names(hp)
     amsgrad = bool(hp["amsgrad"])
-    state = [[s[n] for s in slots] for n in names]  # one list per slot name
+    state = [list(slots[n]) for n in names]  # one list per slot name
     if inplace:
         out_p, out_s = list(params), state
     else:
@@ -167,8 +165,7 @@ def step(
             launches = _list_launches(params, grads, state, out_p, out_s, amsgrad, inplace, host)
     LAST_PATH = tuple(launches)
     LAUNCHES.update(launches)
-    new_slots = [{n: out_s[j][i] for j, n in enumerate(names)} for i in range(len(params))]
-    return out_p, new_slots
+    return out_p, dict(zip(names, out_s))
 
 
 def _span_launch(params, grads, state, out_p, out_s, amsgrad, inplace, host) -> list | None:
@@ -266,15 +263,6 @@ def _multi_tensor(params, grads, state, out_p, out_s, idx, amsgrad, host) -> Non
     )
     grid = min(tbl.n_chunks, 2**31 - 1)
     multi_tensor_kernel(dtype)((grid,), (src.MULTI_TENSOR_BLOCK,), args)
-
-
-def _generic(xp, params, grads, slots, hp, k):
-    ps, ss = [], []
-    for p, g, s in zip(params, grads, slots):
-        new_p, new_s = _GENERIC._step_one(xp, p, g, s, hp, k)
-        ps.append(new_p)
-        ss.append(new_s)
-    return ps, ss
 
 
 register(("adam", "adamw"), "cupy", FastPath(step=step, init=init))

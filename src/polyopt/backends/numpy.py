@@ -50,7 +50,6 @@ fused, part generic or several dtypes) or "generic".
 from __future__ import annotations
 
 import math
-import operator
 import os
 import time
 import types as _pytypes
@@ -495,7 +494,7 @@ _WRITES = {
 
 
 def _streams(params, grads, slots, names) -> list:
-    return [params, grads] + [list(map(operator.itemgetter(nm), slots)) for nm in names]
+    return [params, grads] + [slots[nm] for nm in names]
 
 
 def _table(params, grads, slots, names, inplace: bool):
@@ -509,7 +508,7 @@ def _table(params, grads, slots, names, inplace: bool):
         streams = _streams(params, grads, slots, names)
         uniform, span, _ = _inspect_python(streams, writes, tab[:S], sizes, codes)
     else:
-        every = chain(params, grads, *(map(operator.itemgetter(nm), slots) for nm in names))
+        every = chain(params, grads, *(slots[nm] for nm in names))
         ids = np.fromiter(map(id, every), np.int64, S * n).reshape(S, n)
         args = (_LAYOUT, _DESCR_IDS, _DESCR_CODES, _ITEMSIZES, writes, tab[:S], sizes, codes)
         uniform, span, unknown = _inspect(ids, *args)
@@ -530,13 +529,13 @@ def init(xp, params, names):
     by_dtype: dict = {}
     for i, p in enumerate(params):
         by_dtype.setdefault(p.dtype, []).append(i)
-    slots: list = [{} for _ in params]
+    slots: dict = {name: [None] * len(params) for name in names}
     for dtype, idx in by_dtype.items():
         shapes = [tuple(params[i].shape) for i in idx]
         for name in names:
             for i, view in zip(idx, flat.empty_views(np, shapes, dtype)):
                 view.fill(0)
-                slots[i][name] = view
+                slots[name][i] = view
     return slots
 
 
@@ -549,17 +548,14 @@ def _generic(xp, params, grads, slots, hp, k, inplace, idx, new_p, new_s):
     In the stateful form the new state is written into the old arrays where it can be,
     so that the state keeps its flat layout for the next step."""
     for i in idx:
-        p, s = _base.Optimizer._step_one(_ENGINE, xp, params[i], grads[i], slots[i], hp, k)
-        if inplace:
-            kept = {}
-            for name, a in s.items():
-                dst = slots[i][name]
-                if type(dst) is np.ndarray and dst.flags.writeable:
-                    dst[...] = a
-                    a = dst
-                kept[name] = a
-            s = kept
-        new_p[i], new_s[i] = p, s
+        old = {name: arrays[i] for name, arrays in slots.items()}
+        new_p[i], s = _base.Optimizer._step_one(_ENGINE, xp, params[i], grads[i], old, hp, k)
+        for name, a in s.items():
+            dst = old[name]
+            if inplace and type(dst) is np.ndarray and dst.flags.writeable:
+                dst[...] = a
+                a = dst
+            new_s[name][i] = a
 
 
 def _is_number(x) -> bool:
@@ -718,14 +714,14 @@ def _run(tab, off, sizes, sc, fl, dtype, span, pure_params=None, names=()):
     starts = (off[:-1] * dtype.itemsize).tolist()
     shapes = [p.shape for p in pure_params]
     views = [[np.ndarray(sh, dtype, b, o) for sh, o in zip(shapes, starts)] for b in bufs]
-    return views[0], [dict(zip(names, vs)) for vs in zip(*views[1:])]
+    return views[0], dict(zip(names, views[1:]))
 
 
 def step(xp, params, grads, slots, hp, k, inplace):
     global LAST_PATH
     n = len(params)
     new_p: list = [None] * n
-    new_s: list = [None] * n
+    new_s: dict = {name: [None] * n for name in slots}
     got = _scalars(hp, k)
     if got is None:
         LAST_PATH = "generic"
@@ -742,7 +738,7 @@ def step(xp, params, grads, slots, hp, k, inplace):
         dtype = _DTYPES[codes[0]]
         if inplace:
             _run(tab, off, sizes, sc, fl, dtype, span)
-            return list(params), list(slots)
+            return list(params), slots
         return _run(tab, off, sizes, sc, fl, dtype, span, params, names)
 
     # several dtypes, or arrays the kernel cannot take: one launch per dtype, and the
@@ -761,7 +757,9 @@ def step(xp, params, grads, slots, hp, k, inplace):
         if inplace:
             _run(sub, off, sizes[idx], sc, fl, _DTYPES[code], False)
             for i in idx.tolist():
-                new_p[i], new_s[i] = params[i], slots[i]
+                new_p[i] = params[i]
+                for name in names:
+                    new_s[name][i] = slots[name][i]
         else:
             ps, ss = _run(
                 sub,
@@ -775,7 +773,9 @@ def step(xp, params, grads, slots, hp, k, inplace):
                 names,
             )
             for j, i in enumerate(idx.tolist()):
-                new_p[i], new_s[i] = ps[j], ss[j]
+                new_p[i] = ps[j]
+                for name in names:
+                    new_s[name][i] = ss[name][j]
     rest = np.flatnonzero(codes < 0).tolist()
     _generic(xp, params, grads, slots, hp, k, inplace, rest, new_p, new_s)
     return new_p, new_s

@@ -100,8 +100,9 @@ def _kernel_decay_error(decay: float, dtype: torch.dtype) -> float:
     return abs((1.0 - factor) - decay) / decay
 
 
-def _generic(xp, p, g, s, hp, k):
-    return _GENERIC._step_one(xp, p, g, s, hp, k)
+def _generic(xp, p, g, slots, i, hp, k):
+    """The engine's per-array step for array ``i`` of the group."""
+    return _GENERIC._step_one(xp, p, g, {n: a[i] for n, a in slots.items()}, hp, k)
 
 
 def _fusable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -114,34 +115,34 @@ _NEW = object()
 def step(xp, params, grads, slots, hp, k, inplace):
     """One Adam/AdamW update of a parameter group (see the module docstring)."""
     if not HAVE_FUSED or not _host_scalars(hp, k):
-        pairs = [_generic(xp, p, g, s, hp, k) for p, g, s in zip(params, grads, slots)]
-        return [p for p, _ in pairs], [s for _, s in pairs]
+        return _GENERIC._step_group(xp, params, grads, slots, hp, k)
 
     names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] else ())
     out_p: list = [None] * len(params)
-    out_s: list = [None] * len(params)
+    out_s: dict = {name: [None] * len(params) for name in names}
     # (device, dtype) -> [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], or None
     # where the kernels do not apply. This loop is the Python cost per tensor (~1 µs):
     # keep it lean.
     groups: dict = {}
-    for i, (p, g, s) in enumerate(zip(params, grads, slots)):
+    columns = [slots[n] for n in names]
+    for i, (p, g) in enumerate(zip(params, grads)):
         key = (p.device, p.dtype)
         lists = groups.get(key, _NEW)
         if lists is _NEW:
             lists = groups[key] = [[], [], [], [], []] if _fusable(*key) else None
-        if lists is None:
-            out_p[i], out_s[i] = _generic(xp, p, g, s, hp, k)
+        st = [c[i] for c in columns]
+        if lists is None or (
+            inplace and not (p.is_contiguous() and all(t.is_contiguous() for t in st))
+        ):
+            out_p[i], s = _generic(xp, p, g, slots, i, hp, k)
+            for name in names:
+                out_s[name][i] = s[name]
             continue
-        st = [s[n] for n in names]
-        if inplace:
-            if not p.is_contiguous() or not all(t.is_contiguous() for t in st):
-                out_p[i], out_s[i] = _generic(xp, p, g, s, hp, k)
-                continue
-            out_s[i] = s  # the same tensors, updated in place
-        else:  # the kernel works in place only: give it (contiguous) copies
+        if not inplace:  # the kernel works in place only: give it (contiguous) copies
             p = p.clone(memory_format=torch.contiguous_format)
             st = [t.clone(memory_format=torch.contiguous_format) for t in st]
-            out_s[i] = dict(zip(names, st))
+        for name, t in zip(names, st):  # in place: the same tensors, updated
+            out_s[name][i] = t
         if not g.is_contiguous():
             g = g.contiguous()  # only read
         out_p[i] = p

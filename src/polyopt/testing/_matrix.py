@@ -258,7 +258,7 @@ def _problem(dtype: str) -> tuple[list, list]:
 _REFERENCES: dict[tuple[str, str], list] = {}
 
 
-def reference(case: Case, dtype: str) -> list[tuple[list, tuple]]:
+def reference(case: Case, dtype: str) -> list[tuple[list, dict]]:
     """The NumPy float64 trajectory for ``case`` from inputs rounded to ``dtype``:
     ``[(params, slots)]`` after each step (slots as in ``OptState.slots``). Cached."""
     key = (case.id, dtype)
@@ -267,7 +267,7 @@ def reference(case: Case, dtype: str) -> list[tuple[list, tuple]]:
     return _REFERENCES[key]
 
 
-def _reference(case: Case, dtype: str) -> list[tuple[list, tuple]]:
+def _reference(case: Case, dtype: str) -> list[tuple[list, dict]]:
     factory = OPTIMIZERS[case.name][0]
     opt = factory(**polyopt_hyperparams(case), impl="generic")
     p0, gs = _problem(dtype)
@@ -361,10 +361,18 @@ def _run(cell: Cell) -> Result:
         got_p, got_s = step(grads)
         ref_p, ref_s = ref[k]
         checks = [(f"params[{i}]", a, r) for i, (a, r) in enumerate(zip(got_p, ref_p))]
-        for i, (sa, sr) in enumerate(zip(got_s, ref_s)):
-            if set(sa) != set(sr):
-                raise AssertionError(f"state[{i}] holds {sorted(sa)}, reference {sorted(sr)}")
-            checks += [(f"state[{i}][{n!r}]", sa[n], sr[n]) for n in sr]
+        if set(got_s) != set(ref_s):
+            raise AssertionError(f"state holds slots {sorted(got_s)}, reference {sorted(ref_s)}")
+        for n, column in ref_s.items():
+            if len(got_s[n]) != len(column):
+                raise AssertionError(
+                    f"state slot {n!r} holds {len(got_s[n])} arrays, reference {len(column)}"
+                )
+            for i, (a, r) in enumerate(zip(got_s[n], column)):
+                if (a is None) != (r is None):
+                    raise AssertionError(f"state.slots[{n!r}][{i}] is {a!r}, reference {r!r}")
+                if r is not None:
+                    checks.append((f"state.slots[{n!r}][{i}]", a, r))
         for i, (a, before) in enumerate(zip(got_p, leaves)):
             if str(a.dtype) != str(before.dtype):
                 return Result(cell, "fail", float("inf"), f"params[{i}]", f"dtype became {a.dtype}")
