@@ -47,10 +47,14 @@ class Rule:
     init: Callable[[Any, dict, Any], dict] | None = None
     schedulable: tuple[str, ...] = ("lr", "weight_decay")
 
-    def init_slots(self, p: Any, hp: dict, xp: Any) -> dict:
-        if self.init is not None:
-            return self.init(p, hp, xp)
-        return {name: xp.zeros_like(p) for name in self.slots(hp)}
+    def init_slots(self, params: list, hp: dict, xp: Any) -> dict[str, list]:
+        """The initial state of a group, ``{name: one array per param}``, allocated one
+        slot after another (as optax allocates), not one param after another."""
+        names = self.slots(hp)
+        if self.init is None:
+            return {name: [xp.zeros_like(p) for p in params] for name in names}
+        per = [self.init(p, hp, xp) for p in params]
+        return {name: [s[name] for s in per] for name in names}
 
 
 class OptState(NamedTuple):
@@ -190,8 +194,7 @@ class Optimizer:
                 if fast is not None and fast.init is not None:  # e.g. flat state buffers
                     cols = fast.init(xp, lv, names)
                 else:
-                    per = [self.rule.init_slots(p, hp0, xp) for p in lv]
-                    cols = {name: [s[name] for s in per] for name in names}
+                    cols = self.rule.init_slots(lv, hp0, xp)
                 parts.append((len(lv), cols))
         step = xp.asarray(0, dtype=xp.int32) if _xp.is_jax(xp) else 0
         return OptState(step, _join_slots(parts))
