@@ -58,6 +58,9 @@ def test_per_array_is_the_per_parameter_view():
     assert polyopt.sgd(lr=0.1).init(params).per_array(3) == [{}, {}, {}]
     with pytest.raises(ValueError, match=re.escape("state slots hold [3] arrays each; expected 2")):
         state.per_array(2)
+    uneven = state._replace(slots={**state.slots, "exp_avg": state.slots["exp_avg"][:2]})
+    with pytest.raises(ValueError, match=re.escape("hold [2, 3] arrays each; expected the same")):
+        uneven.per_array()
 
 
 def _torch_run(torch, cls, groups_np, steps, **defaults):

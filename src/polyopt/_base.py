@@ -78,11 +78,12 @@ class OptState(NamedTuple):
         """The state as one dict of slots per parameter array, like torch's
         ``optimizer.state[p]``. ``n``: the number of parameter arrays; needed only
         for an optimizer that keeps no state (plain SGD), whose ``slots`` is empty."""
-        sizes = {len(arrays) for arrays in self.slots.values()}
-        if n is None:
-            n = sizes.pop() if len(sizes) == 1 else (0 if not sizes else None)
-        if n is None or any(size != n for size in sizes):
-            raise ValueError(f"state slots hold {sorted(sizes)} arrays each; expected {n}")
+        sizes = sorted({len(arrays) for arrays in self.slots.values()})
+        if n is None and len(sizes) <= 1:
+            n = sizes[0] if sizes else 0
+        if sizes and sizes != [n]:
+            want = "the same number" if n is None else n
+            raise ValueError(f"state slots hold {sizes} arrays each; expected {want}")
         return [
             {name: arrays[i] for name, arrays in self.slots.items() if arrays[i] is not None}
             for i in range(n)
