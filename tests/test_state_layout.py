@@ -55,6 +55,9 @@ def test_per_array_is_the_per_parameter_view():
         assert set(entry) == {"exp_avg", "exp_avg_sq"}
         for name, a in entry.items():
             assert a is state.slots[name][i]
+    rebuilt = polyopt.OptState.slots_from_per_array(view)
+    assert list(rebuilt) == list(state.slots)
+    assert all(a is b for n in rebuilt for a, b in zip(rebuilt[n], state.slots[n], strict=True))
     assert polyopt.sgd(lr=0.1).init(params).per_array(3) == [{}, {}, {}]
     with pytest.raises(ValueError, match=re.escape("state slots hold [3] arrays each; expected 2")):
         state.per_array(2)

@@ -89,6 +89,12 @@ class OptState(NamedTuple):
             for i in range(n)
         ]
 
+    @staticmethod
+    def slots_from_per_array(per_array: list[Mapping]) -> dict:
+        """The inverse of :meth:`per_array`: ``{name: tuple}`` from one dict per array."""
+        names = sorted({name for entry in per_array for name in entry})
+        return {name: tuple(entry.get(name) for entry in per_array) for name in names}
+
 
 def _join_slots(parts: list[tuple[int, Mapping]]) -> dict:
     """``{name: tuple}`` over all arrays from per-group ``(count, {name: sequence})``;
@@ -343,10 +349,10 @@ class Optimizer:
                     f"state slot {name!r} holds {got} arrays but params has {n}; "
                     "was it made by init() on these params?"
                 )
-        i = 0
+        i, ordered = 0, sorted(need)
         for names, (lv, _) in zip(group_names, flat):
             for p in lv:
-                for name in sorted(need):
+                for name in ordered:
                     a = slots[name][i]
                     if (a is None) == (name in names):
                         raise ValueError(
@@ -567,8 +573,7 @@ class StatefulOptimizer:
             slots.append(
                 {n: _xp.copy(xp, xp.asarray(a, device=dev)) for n, a in saved_state[i].items()}
             )
-        names = sorted({name for s in slots for name in s})
-        columns = {name: tuple(s.get(name) for s in slots) for name in names}
+        columns = OptState.slots_from_per_array(slots)
         # everything checked and copied: now commit
         for mine, new in zip(self.param_groups, new_groups):
             mine.update(new)
