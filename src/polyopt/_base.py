@@ -21,6 +21,7 @@ from itertools import chain
 from typing import Any, NamedTuple
 
 from . import _tree, _xp, backends
+from . import flat as _flat
 
 IMPLS = ("auto", "generic", "fused")
 
@@ -37,6 +38,10 @@ class Rule:
       array, ``t`` is the 1-based step count (a Python int, or a 0-d array of the
       compute dtype under jit). Returns ``(new_p, new_s)``. Pure: never mutates.
     - ``schedulable``: hyperparameters that may be a function of the step count.
+
+    A rule whose ``step`` is built by :func:`two_part` also exposes its two halves as
+    :attr:`parts`, so a fast path can run the state update over many arrays at once
+    and the parameter update per array (see ``polyopt.backends.jax``).
     """
 
     name: str
@@ -47,6 +52,11 @@ class Rule:
     init: Callable[[Any, dict, Any], dict] | None = None
     schedulable: tuple[str, ...] = ("lr", "weight_decay")
 
+    @property
+    def parts(self) -> tuple[Callable, Callable] | None:
+        """``(update_slots, update_param)`` if ``step`` was built by :func:`two_part`."""
+        return getattr(self.step, "parts", None)
+
     def init_slots(self, params: list, hp: dict, xp: Any) -> dict[str, list]:
         """The initial state of a group, ``{name: one array per param}``, allocated one
         slot after another (as optax allocates), not one param after another."""
@@ -55,6 +65,26 @@ class Rule:
             return {name: [xp.zeros_like(p) for p in params] for name in names}
         per = [self.init(p, hp, xp) for p in params]
         return {name: [s[name] for s in per] for name in names}
+
+
+def two_part(update_slots: Callable, update_param: Callable) -> Callable:
+    """A rule's ``step`` made of two halves, the math still written once:
+
+    - ``update_slots(p, g, s, hp, t, xp) -> new_s``: the new state, elementwise;
+    - ``update_param(p, g, new_s, hp, t, xp) -> new_p``: the new parameter from the
+      new state.
+
+    The step is their composition (the generic path runs exactly that); a fast path
+    may run the first half on many arrays joined into one and the second per array.
+    """
+
+    def step(p, g, s, hp, t, xp):
+        new_s = update_slots(p, g, s, hp, t, xp)
+        return update_param(p, g, new_s, hp, t, xp), new_s
+
+    step.parts = (update_slots, update_param)  # type: ignore[attr-defined]
+    step.__doc__ = f"{update_slots.__name__}, then {update_param.__name__}."
+    return step
 
 
 class OptState(NamedTuple):
@@ -68,7 +98,8 @@ class OptState(NamedTuple):
     ``torch.optim``'s (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``...), so the
     first moment of array ``i`` is ``state.slots["exp_avg"][i]``. One tuple per slot,
     as optax keeps them, makes the state cheap to flatten: ``jax.jit`` dispatch walks
-    two tuples rather than one dict per array.
+    two tuples rather than one dict per array. A fast path may hold a slot as a
+    :class:`polyopt.flat.Packed` instead: a tuple-like sequence over one buffer (JAX).
     """
 
     step: Any
@@ -102,11 +133,19 @@ def _join_slots(parts: list[tuple[int, Mapping]]) -> dict:
     names = sorted({name for _, cols in parts for name in cols})
     if len(parts) == 1:
         cols = parts[0][1]
-        return {name: tuple(cols[name]) for name in names}
-    return {
-        name: tuple(chain.from_iterable(cols.get(name, (None,) * n) for n, cols in parts))
-        for name in names
-    }
+        return {name: _column(cols[name]) for name in names}
+    out = {}
+    for name in names:
+        columns = [cols.get(name, (None,) * n) for n, cols in parts]
+        if any(isinstance(c, _flat.Packed) for c in columns):
+            out[name] = _flat.Packed.join(columns)
+        else:
+            out[name] = tuple(chain.from_iterable(columns))
+    return out
+
+
+def _column(seq: Any) -> Any:
+    return seq if isinstance(seq, (tuple, _flat.Packed)) else tuple(seq)
 
 
 def _group_label(i: int, grouped: bool) -> str:
@@ -283,13 +322,20 @@ class Optimizer:
                 new_slots[name].append(new_s[name])
         return new_params, new_slots
 
-    def _step_one(self, xp, p, g, slots, hp, k):
-        cdt = _xp.compute_dtype(xp, p.dtype)
+    @staticmethod
+    def step_args(xp: Any, dtype: Any, hp: dict, k: Any) -> tuple[Any, dict, Any]:
+        """``(compute dtype, hp, t)`` for a rule step on arrays of ``dtype`` at the
+        0-based step ``k``: ``t = k + 1`` as a Python int, or for an array ``k`` (jit)
+        in the compute dtype, with array hyperparameters cast to it as well."""
+        cdt = _xp.compute_dtype(xp, dtype)
         if _xp.is_python_scalar(k):
-            t = k + 1
-        else:  # traced / array step count: bias corrections in the state's float dtype
-            t = xp.astype(k + 1, cdt)
-            hp = {n: xp.astype(v, cdt) if _xp.is_array(v) else v for n, v in hp.items()}
+            return cdt, hp, k + 1
+        # traced / array step count: bias corrections in the state's float dtype
+        hp = {n: xp.astype(v, cdt) if _xp.is_array(v) else v for n, v in hp.items()}
+        return cdt, hp, xp.astype(k + 1, cdt)
+
+    def _step_one(self, xp, p, g, slots, hp, k):
+        cdt, hp, t = Optimizer.step_args(xp, p.dtype, hp, k)
         if cdt != p.dtype:
             p_c, g_c = xp.astype(p, cdt), xp.astype(g, cdt)
             s_c = {n: xp.astype(v, cdt) for n, v in slots.items()}
@@ -325,7 +371,7 @@ class Optimizer:
             out.extend(_tree.flatten_like(gt, structure, f"grads[{i}]", f"params group {i}"))
         return out
 
-    def _check_state(self, state: Any, groups: list, flat: list) -> None:
+    def _check_state(self, state: Any, groups: list, flat_params: list) -> None:
         if not isinstance(state, OptState):
             raise TypeError(f"state must be the OptState from init(), got {type(state).__name__}")
         slots = state.slots
@@ -341,19 +387,25 @@ class Optimizer:
                 f"state holds the slots {sorted(slots)}, the hyperparameters need "
                 f"{sorted(need)} (was amsgrad/momentum/centered changed after init?)"
             )
-        n = sum(len(lv) for lv, _ in flat)
+        n = sum(len(lv) for lv, _ in flat_params)
+        columns = {}
         for name, arrays in slots.items():
-            if not isinstance(arrays, (tuple, list)) or len(arrays) != n:
-                got = len(arrays) if isinstance(arrays, (tuple, list)) else type(arrays).__name__
+            if not isinstance(arrays, (tuple, list, _flat.Packed)) or len(arrays) != n:
+                got = (
+                    len(arrays)
+                    if isinstance(arrays, (tuple, list, _flat.Packed))
+                    else type(arrays).__name__
+                )
                 raise ValueError(
                     f"state slot {name!r} holds {got} arrays but params has {n}; "
                     "was it made by init() on these params?"
                 )
+            columns[name] = _flat.describe(arrays)  # shapes and dtypes, nothing sliced
         i, ordered = 0, sorted(need)
-        for names, (lv, _) in zip(group_names, flat):
+        for names, (lv, _) in zip(group_names, flat_params):
             for p in lv:
                 for name in ordered:
-                    a = slots[name][i]
+                    a = columns[name][i]
                     if (a is None) == (name in names):
                         raise ValueError(
                             f"state for params leaf {i} "
@@ -361,10 +413,10 @@ class Optimizer:
                             + f" {name!r}, its group's hyperparameters need {sorted(names)} "
                             "(was amsgrad/momentum/centered changed after init?)"
                         )
-                    if a is not None and (tuple(a.shape) != tuple(p.shape) or a.dtype != p.dtype):
+                    if a is not None and (a[0] != tuple(p.shape) or a[1] != p.dtype):
                         raise ValueError(
-                            f"state for params leaf {i} has {name!r} of shape {tuple(a.shape)} "
-                            f"and dtype {a.dtype}, expected {tuple(p.shape)} and {p.dtype}; "
+                            f"state for params leaf {i} has {name!r} of shape {a[0]} "
+                            f"and dtype {a[1]}, expected {tuple(p.shape)} and {p.dtype}; "
                             "was it made by init() on these params?"
                         )
                 i += 1

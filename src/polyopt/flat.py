@@ -19,6 +19,11 @@ NumPy and CuPy memory; polyopt's fast paths use it, and lay their own state out 
 
 from __future__ import annotations
 
+import functools
+import math
+import operator
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -124,3 +129,176 @@ def _root(a: np.ndarray) -> np.ndarray:
 
 def _ptr(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
+
+
+# -- packed sequences: the flat layout for arrays that cannot be views (JAX) ------------
+
+
+class Packed(Sequence):
+    """A read-only sequence of arrays held back to back in 1-D buffers.
+
+    JAX arrays cannot be views into a shared buffer, so for JAX the flat layout is a
+    container: ``Packed`` behaves like the tuple of arrays it stands for (``len``,
+    indexing, iteration, slicing), so ``state.slots["exp_avg"][i]`` is still the first
+    moment of parameter array ``i``, while a fast path reads and writes the one buffer.
+    It is a JAX pytree whose leaves are the buffers, so ``jax.jit`` passes (and donates)
+    one array per slot rather than one per parameter array.
+
+    ``parts[j]`` is either one element as it is (an array, or ``None``; then
+    ``tails[j]`` is ``None``) or a buffer of shape ``lead + (total,)`` holding the
+    elements whose shapes (without ``lead``) are listed in ``tails[j]``, in order.
+    ``lead`` is normally ``()``; ``jax.vmap`` gives the buffer a leading batch axis,
+    which the elements then get too.
+
+    >>> import numpy as np
+    >>> s = Packed((np.arange(7.0),), (((2, 3), (1,)),))
+    >>> len(s), s[0].shape, s[1]
+    (2, (2, 3), array([6.]))
+    """
+
+    __slots__ = ("parts", "tails")
+
+    def __init__(self, parts: Any, tails: Any):
+        # O(1): jax.jit rebuilds the state from its leaves on every call
+        self.parts = tuple(parts)
+        self.tails = tuple(tails)
+
+    @classmethod
+    def run(cls, buffer: Any, shapes: Any) -> Packed:
+        """One buffer holding arrays of ``shapes``, back to back."""
+        return cls((buffer,), (tuple(tuple(s) for s in shapes),))
+
+    @classmethod
+    def join(cls, sequences: Any) -> Packed:
+        """The concatenation of ``sequences`` (Packed, tuples or lists), without copying."""
+        parts: list = []
+        tails: list = []
+        for seq in sequences:
+            if isinstance(seq, Packed):
+                parts.extend(seq.parts)
+                tails.extend(seq.tails)
+            else:
+                parts.extend(seq)
+                tails.extend([None] * len(seq))
+        return cls(parts, tails)
+
+    def single_run(self) -> tuple[Any, tuple] | None:
+        """``(buffer, shapes)`` if this sequence is exactly one buffer, else None."""
+        if len(self.parts) == 1 and self.tails[0] is not None:
+            return self.parts[0], self.tails[0]
+        return None
+
+    def __len__(self) -> int:
+        return _layout(self.tails)[0]
+
+    def __getitem__(self, index: Any) -> Any:
+        n, where, _ = _layout(self.tails)
+        if isinstance(index, slice):
+            return self._slice(*index.indices(n))
+        i = operator.index(index)
+        if not -n <= i < n:
+            raise IndexError(f"Packed index {index} out of range for {n} arrays")
+        j, lo, size, shape = where[i % n]
+        part = self.parts[j]
+        if lo is None or part is None:
+            return part
+        xp = _xp.namespace([part], "Packed buffer")
+        lead = tuple(part.shape[:-1])
+        return xp.reshape(part[..., lo : lo + size], lead + shape)
+
+    def _slice(self, start: int, stop: int, step: int) -> Packed:
+        if step != 1:
+            return Packed.join([tuple(self[i] for i in range(start, stop, step))])
+        if (start, stop) == (0, len(self)):
+            return self
+        _, where, first = _layout(self.tails)
+        parts: list = []
+        tails: list = []
+        i = start
+        while i < stop:
+            j = where[i][0]
+            tail = self.tails[j]
+            if tail is None:
+                parts.append(self.parts[j])
+                tails.append(None)
+                i += 1
+            elif first[j] == i and i + len(tail) <= stop:  # a whole buffer: keep it
+                parts.append(self.parts[j])
+                tails.append(tail)
+                i += len(tail)
+            else:  # part of a buffer: its elements, copied out
+                parts.append(self[i])
+                tails.append(None)
+                i += 1
+        return Packed(parts, tails)
+
+    def describe(self) -> list:
+        """``(shape, dtype)`` of each element (None for None), without slicing."""
+        _, where, _ = _layout(self.tails)
+        out = []
+        for j, lo, _, shape in where:
+            part = self.parts[j]
+            if part is None:
+                out.append(None)
+            elif lo is None:
+                out.append((tuple(part.shape), part.dtype))
+            else:
+                out.append((tuple(part.shape[:-1]) + shape, part.dtype))
+        return out
+
+    def __repr__(self) -> str:
+        runs = sum(t is not None for t in self.tails)
+        return f"Packed({len(self)} arrays, {runs} buffer(s))"
+
+    def __reduce__(self):
+        return _unpickle, (self.parts, self.tails)
+
+
+def _unpickle(parts: Any, tails: Any) -> Packed:
+    if "jax" in sys.modules:  # a state loaded before polyopt has met a JAX array
+        register_jax()
+    return Packed(parts, tails)
+
+
+def describe(seq: Any) -> list:
+    """``(shape, dtype)`` or None for each element of a Packed, tuple or list."""
+    if isinstance(seq, Packed):
+        return seq.describe()
+    return [None if a is None else (tuple(a.shape), a.dtype) for a in seq]
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(tails: tuple) -> tuple[int, tuple, dict]:
+    """For ``tails``: the element count, each element's ``(part, offset, size, shape)``
+    (offset None for a part that is one element as it is), and each buffer's first
+    element index. Cached: a state's layout is the same every step."""
+    where: list = []
+    first: dict = {}
+    for j, tail in enumerate(tails):
+        if tail is None:
+            where.append((j, None, 1, None))
+            continue
+        first[j] = len(where)
+        lo = 0
+        for shape in tail:
+            size = math.prod(shape)
+            where.append((j, lo, size, shape))
+            lo += size
+    return len(where), tuple(where), first
+
+
+def register_jax() -> None:
+    """Make :class:`Packed` a JAX pytree (its leaves are its parts). Called by the JAX
+    fast path when it is imported, which is before any Packed holds JAX arrays."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import jax
+
+    jax.tree_util.register_pytree_node(
+        Packed, lambda s: (s.parts, s.tails), lambda tails, parts: Packed(parts, tails)
+    )
+    _REGISTERED = True
+
+
+_REGISTERED = False

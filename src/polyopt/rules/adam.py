@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _validate as v
-from .._base import Optimizer, Rule, bias_correction, scalar_sqrt
-from ._common import decay, make
+from .._base import Optimizer, Rule, bias_correction, scalar_sqrt, two_part
+from ._common import grad_term, make, param_term
 
 DEFAULTS = dict(
     lr=1e-3,
@@ -35,20 +35,32 @@ def _slots(hp: dict) -> tuple[str, ...]:
     )
 
 
-def _step(p, g, s, hp, t, xp):
+def _moments(p, g, s, hp, t, xp):
+    """The new state: first and second moments of the (decayed) gradient."""
+    b1, b2 = hp["betas"]
+    g = grad_term(p, g, hp, decoupled=hp["decoupled_weight_decay"])
+    out = {
+        "exp_avg": b1 * s["exp_avg"] + (1 - b1) * g,
+        "exp_avg_sq": b2 * s["exp_avg_sq"] + (1 - b2) * (g * g),
+    }
+    if hp["amsgrad"]:
+        out["max_exp_avg_sq"] = xp.maximum(s["max_exp_avg_sq"], out["exp_avg_sq"])
+    return out
+
+
+def _move(p, g, s, hp, t, xp):
+    """The new parameter from the new moments ``s``."""
     lr, eps = hp["lr"], hp["eps"]
     b1, b2 = hp["betas"]
-    p, g = decay(p, g, hp, decoupled=hp["decoupled_weight_decay"])
-    m = b1 * s["exp_avg"] + (1 - b1) * g
-    v2 = b2 * s["exp_avg_sq"] + (1 - b2) * (g * g)
-    out = {"exp_avg": m, "exp_avg_sq": v2}
-    if hp["amsgrad"]:
-        v2 = xp.maximum(s["max_exp_avg_sq"], v2)
-        out["max_exp_avg_sq"] = v2
+    p = param_term(p, hp, decoupled=hp["decoupled_weight_decay"])
+    v2 = s["max_exp_avg_sq"] if hp["amsgrad"] else s["exp_avg_sq"]
     bias1 = bias_correction(b1, t, xp)
     bias2_sqrt = scalar_sqrt(bias_correction(b2, t, xp), xp)
     denom = xp.sqrt(v2) / bias2_sqrt + eps
-    return p - (lr / bias1) * (m / denom), out
+    return p - (lr / bias1) * (s["exp_avg"] / denom)
+
+
+_step = two_part(_moments, _move)
 
 
 ADAM = Rule("adam", DEFAULTS, _check, _slots, _step)
