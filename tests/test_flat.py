@@ -1,5 +1,7 @@
 """The flat layout: views into one buffer, recognised again by span()."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -47,3 +49,52 @@ def test_optimizers_run_on_packed_params_in_place():
 def test_pack_rejects_empty():
     with pytest.raises(ValueError, match="at least one array"):
         flat.pack([])
+
+
+# -- Packed: a tuple-like sequence over buffers (the flat layout for JAX) --------------
+
+SHAPES = [(2, 3), (), (0,), (4,)]
+
+
+def _packed():
+    """Elements 0..3 in one buffer, then an array as it is, then None."""
+    buf = np.arange(11.0)
+    loose = np.full((2,), -1.0)
+    return flat.Packed.join([flat.Packed.run(buf, SHAPES), (loose, None)]), buf, loose
+
+
+def test_packed_reads_like_the_tuple_it_stands_for():
+    s, buf, loose = _packed()
+    want = (buf[:6].reshape(2, 3), buf[6].reshape(()), buf[7:7], buf[7:11], loose, None)
+    assert len(s) == len(want) == 6
+    for i, w in enumerate(want):
+        for got in (s[i], s[i - len(s)], list(s)[i]):
+            if w is None:
+                assert got is None
+            else:
+                assert got.shape == w.shape and np.array_equal(got, w), i
+    with pytest.raises(IndexError, match="index 6 out of range for 6"):
+        s[6]
+    assert s.describe() == [(w.shape, w.dtype) if w is not None else None for w in want]
+    assert flat.describe((loose, None)) == [((2,), loose.dtype), None]
+    assert repr(s) == "Packed(6 arrays, 1 buffer(s))"
+
+
+def test_packed_slices_keep_whole_buffers_and_copy_out_partial_ones():
+    s, buf, loose = _packed()
+    assert s[0:6] is s
+    whole = s[0:5]  # the buffer and the loose array
+    assert whole.parts[0] is buf and whole.parts[1] is loose and len(whole) == 5
+    part = s[1:3]  # inside the buffer: elements of their own
+    assert part.single_run() is None and len(part) == 2
+    assert np.array_equal(part[0], buf[6].reshape(()))
+    assert [tuple(a.shape) for a in s[::2][:2]] == [(2, 3), (0,)]
+    assert s.single_run() is None and flat.Packed.run(buf, SHAPES).single_run()[0] is buf
+
+
+def test_packed_pickles():
+    s, _, _ = _packed()
+    back = pickle.loads(pickle.dumps(s))
+    assert back.tails == s.tails
+    for a, b in zip(back, s):
+        assert (a is None and b is None) or np.array_equal(a, b)

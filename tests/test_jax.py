@@ -237,8 +237,12 @@ def test_vmap_over_independent_problems(name):
     np.testing.assert_array_equal(np.asarray(state.step), len(gs))
 
 
-def test_vmap_with_shared_step_count():
-    """The step count may also stay unbatched (in_axes None) while slots are batched."""
+@pytest.mark.parametrize("impl", ["auto", "generic"])
+def test_vmap_with_shared_step_count(impl):
+    """The step count may also stay unbatched (in_axes None) while slots are batched.
+
+    The packed state of the fast path must be made inside vmap (vmap splits each
+    buffer along axis 0, not each array); per-array state may also be made outside."""
     p0, gs = problem(seed=3, steps=6, batch=BATCH)
     refs = [
         numpy_run(
@@ -246,9 +250,14 @@ def test_vmap_with_shared_step_count():
         )
         for b in range(BATCH)
     ]
-    opt = polyopt.adam(**OPTIONS["adam"])
+    opt = polyopt.adam(**OPTIONS["adam"], impl=impl)
     params = to_jax(p0)
-    state = opt.init(params)  # slots get the batch axis from params; step is 0-d
+    if impl == "generic":
+        state = opt.init(params)  # slots get the batch axis from params; step is 0-d
+    else:
+        state = jax.vmap(opt.init)(params)
+        assert isinstance(state.slots["exp_avg"], polyopt.flat.Packed)
+        state = state._replace(step=state.step[0])  # one step count for every problem
     axes = polyopt.OptState(None, 0)
     update = jax.jit(jax.vmap(opt.update, in_axes=(0, 0, axes), out_axes=(0, axes)))
     for g in gs:

@@ -150,11 +150,20 @@ def test_jax_pytree_is_one_list_per_slot():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
     params = [jnp.ones(3), jnp.ones(2)]
-    state = polyopt.adam().init(params)
+    state = polyopt.adam(impl="generic").init(params)
     leaves = jax.tree_util.tree_leaves(state)
     # step, then every exp_avg, then every exp_avg_sq (as optax orders mu and nu)
     assert len(leaves) == 1 + 2 * len(params)
     assert leaves[1] is state.slots["exp_avg"][0] and leaves[3] is state.slots["exp_avg_sq"][0]
+
+    # the fast path packs each slot of a group into one buffer: one leaf per slot
+    packed = polyopt.adam().init(params)
+    leaves = jax.tree_util.tree_leaves(packed)
+    assert [tuple(a.shape) for a in leaves] == [(), (5,), (5,)]
+    assert isinstance(packed.slots["exp_avg"], polyopt.flat.Packed)
+    assert [tuple(a.shape) for a in packed.slots["exp_avg"]] == [(3,), (2,)]
+    bumped = jax.tree_util.tree_map(lambda a: a + 1, packed)  # rebuilt from its leaves
+    np.testing.assert_array_equal(np.asarray(bumped.slots["exp_avg_sq"][1]), [1.0, 1.0])
 
     groups = [{"params": params[:1]}, {"params": params[1:], "amsgrad": True}]
     gstate = polyopt.adam().init(groups)

@@ -217,20 +217,26 @@ def _optax(pb: Problem) -> Callable[[], None]:
     return step
 
 
-def _polyopt_jax(pb: Problem) -> Callable[[], None]:
-    _need("jax")
-    import polyopt
+def _polyopt_jax(impl: str) -> Callable:
+    def build(pb: Problem) -> Callable[[], None]:
+        _need("jax")
+        import polyopt
+        from polyopt import backends
 
-    jax, params, grads = _jax_arrays(pb)
-    opt = polyopt.adamw(**HP)
-    update = jax.jit(opt.update, donate_argnums=(0, 2))
-    box = [params, opt.init(params)]
+        jax, params, grads = _jax_arrays(pb)
+        if impl == "fused" and not backends.available("adamw", "jax"):
+            raise Unavailable("n/a: no jax fast path in this polyopt")
+        opt = polyopt.adamw(**HP, impl=impl)
+        update = jax.jit(opt.update, donate_argnums=(0, 2))
+        box = [params, opt.init(params)]
 
-    def step():
-        box[0], box[1] = update(box[0], grads, box[1])
-        jax.block_until_ready(box[0])
+        def step():
+            box[0], box[1] = update(box[0], grads, box[1])
+            jax.block_until_ready(box[0])
 
-    return step
+        return step
+
+    return build
 
 
 #: (name, library key for --libs, builder). Order = rows of the table.
@@ -244,7 +250,8 @@ IMPLEMENTATIONS: list[tuple[str, str, Callable]] = [
     ("torch.optim foreach", "torch", _torch_optim("foreach")),
     ("torch.optim fused", "torch", _torch_optim("fused")),
     ("optax.adamw jit", "jax", _optax),
-    ("polyopt jax jit", "jax", _polyopt_jax),
+    ("polyopt jax generic jit", "jax", _polyopt_jax("generic")),
+    ("polyopt jax fused jit", "jax", _polyopt_jax("fused")),
 ]
 LIBS = ("numpy", "torch", "jax")
 

@@ -8,14 +8,16 @@ A :class:`FastPath` has
 
 - ``step(xp, params, grads, slots, hp, k, inplace) -> (params, slots)``: one update of
   a group. ``params`` and ``grads`` are sequences of arrays, ``slots`` is
-  ``{slot name: sequence}`` (one array per param, as in ``OptState.slots``); the new
-  slots come back in that form. ``hp`` are the group's hyperparameters at step ``k`` (the
-  0-based count before this update). With ``inplace`` (the stateful form) it may write
+  ``{slot name: sequence}`` (one array per param, as in ``OptState.slots``: a tuple,
+  list or :class:`polyopt.flat.Packed`); the new slots come back in that form. ``hp``
+  are the group's hyperparameters at step ``k`` (the 0-based count before this
+  update). With ``inplace`` (the stateful form) it may write
   into ``params`` and ``slots`` and return them; without, it must leave its inputs
   untouched (pure).
 - ``init(xp, params, names) -> slots`` (optional): the state of a group as
-  ``{name: list}``, e.g. views into one flat buffer per slot so that one kernel launch
-  can update them all.
+  ``{name: sequence}``, e.g. views into one flat buffer per slot so that one kernel
+  launch can update them all, or (JAX, whose arrays cannot be views) a
+  :class:`polyopt.flat.Packed` over one buffer per slot.
 
 The dispatch point is :func:`lookup`, called once per update by the engine:
 ``impl="generic"`` never uses a fast path, ``"fused"`` requires one (a clear error
@@ -40,6 +42,7 @@ class FastPath:
 FUSED: dict[tuple[str, str], FastPath] = {}
 _MODULES = {
     "cupy": "polyopt.backends.cupy",
+    "jax": "polyopt.backends.jax",
     "numpy": "polyopt.backends.numpy",
     "torch": "polyopt.backends.torch",
 }
