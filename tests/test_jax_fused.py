@@ -217,3 +217,27 @@ def test_packed_state_pickles():
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(state)
     for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(state)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_big_arrays_keep_their_own_state_and_runs_of_small_ones_are_packed(monkeypatch):
+    """Layout: runs of two or more consecutive small arrays share a buffer (at most
+    RUN elements each); a big array, or a small one between big ones, is kept as it is."""
+    from polyopt.backends import jax as fast
+
+    monkeypatch.setattr(fast, "SMALL", 10)
+    monkeypatch.setattr(fast, "RUN", 12)
+    fast._plan.cache_clear()
+    try:
+        shapes = [(11,), (3,), (4,), (5,), (2, 3), (11,), (5,)]
+        # (11,) big | (3,) (4,) (5,): 12 elements, full | (2, 3): no small neighbour left
+        # before the big (11,) | (5,): alone at the end
+        params, grads = _problem(shapes=shapes)
+        fused, state = _run(polyopt.adamw(lr=1e-2, impl="fused"), params, grads)
+        generic, _ = _run(polyopt.adamw(lr=1e-2, impl="generic"), params, grads)
+        col = state.slots["exp_avg"]
+        assert col.tails == (None, ((3,), (4,), (5,)), None, None, None)
+        assert [tuple(a.shape) for a in col] == shapes
+        for k, (a, b) in enumerate(zip(fused, generic)):
+            _assert_same(a, b, 1e-6, f"mixed layout step {k + 1}")
+    finally:
+        fast._plan.cache_clear()

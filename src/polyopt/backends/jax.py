@@ -33,6 +33,7 @@ inside vmap, ``jax.vmap(opt.init)(params)``, or use ``impl="generic"``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -73,45 +74,98 @@ def _packable(params: list) -> bool:
     return len(params) > 1 and all(p.dtype == dtype for p in params) and _one_device(params)
 
 
+#: Arrays of up to SMALL elements are packed, RUN elements per buffer at most. Packing
+#: pays where the loops' fixed cost is large next to their work; a big array in one
+#: loop gains nothing, and one loop over a huge buffer is slower than many over its
+#: pieces (XLA runs one loop on one thread; independent loops run side by side).
+SMALL = 1 << 14
+RUN = 1 << 18
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(shapes: tuple) -> tuple[tuple[int, int], ...]:
+    """The group's arrays as segments ``(start, stop)``: a run of two or more
+    consecutive small arrays shares a buffer; any other array is a segment of its own."""
+    sizes = [math.prod(s) for s in shapes]
+    segments, i = [], 0
+    while i < len(sizes):
+        j, total = i, 0
+        while j < len(sizes) and sizes[j] <= SMALL and total + sizes[j] <= RUN:
+            total += sizes[j]
+            j += 1
+        stop = j if j - i >= 2 else i + 1
+        segments.append((i, stop))
+        i = stop
+    return tuple(segments)
+
+
+def _tails(plan: tuple, shapes: tuple) -> tuple:
+    """The ``Packed.tails`` of a state laid out by ``plan``."""
+    return tuple(None if b - a == 1 else shapes[a:b] for a, b in plan)
+
+
 def init(xp: Any, params: list, names: tuple[str, ...]) -> dict:
-    """Zero state: one buffer per slot for a packable group, else one array per param."""
-    if not _packable(params):
+    """Zero state, runs of small arrays packed (a plain list if nothing is)."""
+    shapes = tuple(tuple(p.shape) for p in params)
+    plan = _plan(shapes)
+    if len(plan) == len(params) or not _packable(params):
         return {name: [xp.zeros_like(p) for p in params] for name in names}
-    shapes = [tuple(p.shape) for p in params]
-    total = sum(math.prod(s) for s in shapes)
     # placed like the params: on their device if they are committed to one, else left
     # uncommitted as they are (a mix would make jax.jit compile the step twice)
     kwargs = {}
     if _xp._device_key(params[0]) is not None and params[0].committed:  # concrete
         kwargs["device"] = _xp.device_of(params[0])
-    return {
-        name: Packed.run(xp.zeros((total,), dtype=params[0].dtype, **kwargs), shapes)
-        for name in names
-    }
+    dtype = params[0].dtype
 
+    def zeros(a, b):
+        if b - a == 1:
+            return xp.zeros_like(params[a])
+        return xp.zeros((sum(math.prod(s) for s in shapes[a:b]),), dtype=dtype, **kwargs)
 
-def _buffer(xp: Any, column: Any, shapes: list) -> Any | None:
-    """The slot's one buffer if ``column`` is packed for arrays of ``shapes``."""
-    if isinstance(column, Packed):
-        run = column.single_run()
-        if run is not None and list(run[1]) == shapes:
-            return run[0]
-    return None
+    tails = _tails(plan, shapes)
+    return {name: Packed([zeros(a, b) for a, b in plan], tails) for name in names}
 
 
 def step(
     xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inplace: bool
 ) -> tuple[list, dict]:
-    shapes = [tuple(p.shape) for p in params]
+    shapes = tuple(tuple(p.shape) for p in params)
+    plan = _plan(shapes)
+    tails = _tails(plan, shapes)
+    if len(plan) == len(params):  # nothing to pack
+        return _GENERIC._step_group(xp, params, grads, slots, hp, k)
     names = tuple(slots)
-    buffers = {name: _buffer(xp, slots[name], shapes) for name in names}
-    if not all(b is not None for b in buffers.values()):
+    if all(isinstance(c, Packed) and c.tails == tails for c in slots.values()):
+        parts = {name: c.parts for name, c in slots.items()}
+    else:
         concrete = all(_xp._device_key(p) is not None for p in params)
         if not (concrete and _packable(params)):
             return _GENERIC._step_group(xp, params, grads, slots, hp, k)
         # eager, on one device: pack once (a loaded checkpoint); later steps stay packed
-        buffers = {name: _join(xp, list(slots[name]), ()) for name in names}
-    lead = tuple(next(iter(buffers.values())).shape[:-1])  # a vmap batch axis, if any
+        parts = {
+            name: [c[a] if b - a == 1 else _join(xp, list(c[a:b])) for a, b in plan]
+            for name, c in slots.items()
+        }
+    new_params: list = []
+    new_parts: dict = {name: [] for name in names}
+    for j, (a, b) in enumerate(plan):
+        mine = {name: parts[name][j] for name in names}
+        if b - a == 1:  # an array of its own: the rule as the generic path runs it
+            ps, ss = _GENERIC._step_group(
+                xp, params[a:b], grads[a:b], {n: [x] for n, x in mine.items()}, hp, k
+            )
+            ss = {n: x[0] for n, x in ss.items()}
+        else:
+            ps, ss = _run_step(xp, params[a:b], grads[a:b], mine, hp, k)
+        new_params.extend(ps)
+        for name in names:
+            new_parts[name].append(ss[name])
+    return new_params, {name: Packed(new_parts[name], tails) for name in names}
+
+
+def _run_step(xp: Any, params: list, grads: list, buffers: dict, hp: dict, k: Any):
+    """One run of arrays whose slots are ``buffers``: the slot half of the rule once
+    over the joined grads, the param half per array on its slice of the new slots."""
     dtype = params[0].dtype
     cdt, hp, t = Optimizer.step_args(xp, dtype, hp, k)
 
@@ -119,28 +173,24 @@ def step(
         return x if x.dtype == cdt else xp.astype(x, cdt)
 
     s = {name: compute(b) for name, b in buffers.items()}
-    # the slot half over the whole group (under jit XLA drops the joined params when
-    # the rule does not read them, as AdamW's moments do not)
-    new_s = _MOMENTS(
-        compute(_join(xp, params, lead)), compute(_join(xp, grads, lead)), s, hp, t, xp
-    )
+    # (under jit XLA drops the joined params when the rule does not read them, as
+    # AdamW's moments do not)
+    new_s = _MOMENTS(compute(_join(xp, params)), compute(_join(xp, grads)), s, hp, t, xp)
     new_params, lo = [], 0
-    for p, g, shape in zip(params, grads, shapes):
-        size = math.prod(shape[len(lead) :])
-        mine = {n: xp.reshape(a[..., lo : lo + size], shape) for n, a in new_s.items()}
+    for p, g in zip(params, grads):
+        size = math.prod(p.shape)
+        mine = {n: xp.reshape(a[lo : lo + size], p.shape) for n, a in new_s.items()}
         new_p = _MOVE(compute(p), compute(g), mine, hp, t, xp)
         new_params.append(new_p if new_p.dtype == dtype else xp.astype(new_p, dtype))
         lo += size
-    tails = tuple(shape[len(lead) :] for shape in shapes)
     return new_params, {
-        name: Packed.run(a if a.dtype == dtype else xp.astype(a, dtype), tails)
-        for name, a in new_s.items()
+        name: a if a.dtype == dtype else xp.astype(a, dtype) for name, a in new_s.items()
     }
 
 
-def _join(xp: Any, arrays: list, lead: tuple) -> Any:
-    """``arrays`` (each of shape ``lead + tail``) as one array of shape ``lead + (n,)``."""
-    return xp.concat([xp.reshape(a, lead + (-1,)) for a in arrays], axis=-1)
+def _join(xp: Any, arrays: list) -> Any:
+    """``arrays`` as one 1-D array."""
+    return xp.concat([xp.reshape(a, (-1,)) for a in arrays])
 
 
 register(("adam", "adamw"), "jax", FastPath(step, init))
