@@ -1,4 +1,4 @@
-"""JAX fast path for Adam / AdamW: the state of a group packed into one buffer per slot.
+"""JAX fast path for Adam / AdamW: the state of runs of small arrays in one buffer per slot.
 
 Under ``jax.jit``, XLA's CPU backend compiles an elementwise update into one loop per
 output array, and does not merge loops that write different arrays. Adam on one array
@@ -7,16 +7,17 @@ each with a fixed cost of a few µs: at 1M parameters that cost, not the 28 byte
 memory traffic per parameter, sets the step time, for polyopt's generic rule and for
 optax alike (measured: both compile to 3003 loops).
 
-Here each slot of a parameter group is one 1-D buffer, held as a
-:class:`polyopt.flat.Packed` so ``state.slots["exp_avg"][i]`` is still array ``i``'s
-first moment. A step runs the rule's two halves (:func:`polyopt._base.two_part`, the
-same math as the generic path): the slot half once over the group's gradients joined
-into one array, then the parameter half per array, reading its slice of the new
-slots. 1000 arrays take ~1000 loops instead of 3000. Cost: the joined gradients are one
-temporary array the size of the group's gradients (XLA does not fuse a concatenation
+Here each run of consecutive small arrays in a group (:data:`SMALL`, :data:`RUN`) keeps
+each slot in one 1-D buffer; the slot column is a :class:`polyopt.flat.Packed`, so
+``state.slots["exp_avg"][i]`` is still array ``i``'s first moment. A step runs the
+rule's two halves (:func:`polyopt._base.two_part`, the same math as the generic path):
+the slot half once over the run's gradients joined into one array, then the parameter
+half per array, reading its slice of the new slots; other arrays take the generic rule.
+1000 arrays of 1000 elements: 1011 loops instead of 3003. Cost: the joined gradients
+are one temporary the size of the run's gradients (XLA does not fuse a concatenation
 of more than 8 arrays into its consumer).
 
-When the group is not packed:
+When nothing in the group is packed:
 
 - one array, or arrays of different dtypes: the generic rule;
 - params spread over several devices (a sharded model): the generic rule, so every
