@@ -86,10 +86,11 @@ def test_packed_slices_keep_whole_buffers_and_copy_out_partial_ones():
     whole = s[0:5]  # the buffer and the loose array
     assert whole.parts[0] is buf and whole.parts[1] is loose and len(whole) == 5
     part = s[1:3]  # inside the buffer: elements of their own
-    assert part.single_run() is None and len(part) == 2
+    assert part.tails == (None, None) and len(part) == 2  # no buffer shared
     assert np.array_equal(part[0], buf[6].reshape(()))
     assert [tuple(a.shape) for a in s[::2][:2]] == [(2, 3), (0,)]
-    assert s.single_run() is None and flat.Packed.run(buf, SHAPES).single_run()[0] is buf
+    run = flat.Packed.run(buf, SHAPES)
+    assert run.parts == (buf,) and run.tails == (tuple(SHAPES),)
 
 
 def test_packed_pickles():

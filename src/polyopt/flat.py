@@ -182,12 +182,6 @@ class Packed(Sequence):
                 tails.extend([None] * len(seq))
         return cls(parts, tails)
 
-    def single_run(self) -> tuple[Any, tuple] | None:
-        """``(buffer, shapes)`` if this sequence is exactly one buffer, else None."""
-        if len(self.parts) == 1 and self.tails[0] is not None:
-            return self.parts[0], self.tails[0]
-        return None
-
     def __len__(self) -> int:
         return _layout(self.tails)[0]
 

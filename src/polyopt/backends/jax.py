@@ -84,9 +84,10 @@ RUN = 1 << 18
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(shapes: tuple) -> tuple[tuple[int, int], ...]:
-    """The group's arrays as segments ``(start, stop)``: a run of two or more
-    consecutive small arrays shares a buffer; any other array is a segment of its own."""
+def _plan(shapes: tuple) -> tuple[tuple[tuple[int, int], ...], tuple]:
+    """The group's arrays as segments ``(start, stop)`` (a run of two or more
+    consecutive small arrays shares a buffer; any other array is a segment of its own),
+    and the ``Packed.tails`` of a state laid out that way. Cached: the same every step."""
     sizes = [math.prod(s) for s in shapes]
     segments, i = [], 0
     while i < len(sizes):
@@ -97,18 +98,14 @@ def _plan(shapes: tuple) -> tuple[tuple[int, int], ...]:
         stop = j if j - i >= 2 else i + 1
         segments.append((i, stop))
         i = stop
-    return tuple(segments)
-
-
-def _tails(plan: tuple, shapes: tuple) -> tuple:
-    """The ``Packed.tails`` of a state laid out by ``plan``."""
-    return tuple(None if b - a == 1 else shapes[a:b] for a, b in plan)
+    tails = tuple(None if b - a == 1 else shapes[a:b] for a, b in segments)
+    return tuple(segments), tails
 
 
 def init(xp: Any, params: list, names: tuple[str, ...]) -> dict:
     """Zero state, runs of small arrays packed (a plain list if nothing is)."""
     shapes = tuple(tuple(p.shape) for p in params)
-    plan = _plan(shapes)
+    plan, tails = _plan(shapes)
     if len(plan) == len(params) or not _packable(params):
         return {name: [xp.zeros_like(p) for p in params] for name in names}
     # placed like the params: on their device if they are committed to one, else left
@@ -123,7 +120,6 @@ def init(xp: Any, params: list, names: tuple[str, ...]) -> dict:
             return xp.zeros_like(params[a])
         return xp.zeros((sum(math.prod(s) for s in shapes[a:b]),), dtype=dtype, **kwargs)
 
-    tails = _tails(plan, shapes)
     return {name: Packed([zeros(a, b) for a, b in plan], tails) for name in names}
 
 
@@ -131,8 +127,7 @@ def step(
     xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inplace: bool
 ) -> tuple[list, dict]:
     shapes = tuple(tuple(p.shape) for p in params)
-    plan = _plan(shapes)
-    tails = _tails(plan, shapes)
+    plan, tails = _plan(shapes)
     if len(plan) == len(params):  # nothing to pack
         return _GENERIC._step_group(xp, params, grads, slots, hp, k)
     names = tuple(slots)
