@@ -403,7 +403,7 @@ def emulate(kern: HostKernels, variant: str, strategy: str, inplace: bool):
         params = [p.copy() for p in params]
     state = {n: new() for n in STATE[: len(names)]}  # fused init: flat zero state
     for k, g_list in enumerate(gs):
-        hp_k = _at_step(hp, k, rule.schedulable)
+        hp_k = _at_step(hp, k)
         scalars, flags = src.kernel_scalars(hp_k, k)
         values = dict(zip(src.SCALARS, scalars)) | dict(zip(src.FLAGS, flags))
         gbuf, grads = new()
@@ -745,9 +745,7 @@ def test_cupy_module_launch_logic_on_cpu(variant, dtype, layout, inplace, cupy_o
             {n: [np.array(a, copy=True) for a in arrays] for n, arrays in slots.items()},
         )
         CALLS.clear()
-        new_p, new_slots = mod.step(
-            xp, params, grads_in, slots, _at_step(hp, k, rule.schedulable), k, inplace
-        )
+        new_p, new_slots = mod.step(xp, params, grads_in, slots, _at_step(hp, k), k, inplace)
         path = LAYOUT_PATH[layout]
         if not inplace and k > 0 and layout == "strided":
             path = ("span",)  # the pure step's outputs are flat: the next step is one span

@@ -13,9 +13,22 @@ from typing import Any
 import array_api_compat as _compat
 import numpy as np
 from array_api_compat import device as device_of  # noqa: F401  (re-exported)
-from array_api_compat import is_array_api_obj as is_array  # noqa: F401
 
 _HALF = ("float16", "bfloat16")
+
+#: Types known to be arrays: asked of array-api-compat once per type, not per array.
+_ARRAY_TYPES: set[type] = set()
+
+
+def is_array(x: Any) -> bool:
+    """Whether ``x`` is an array of a library array-api-compat knows (cached per type)."""
+    t = type(x)
+    if t in _ARRAY_TYPES:
+        return True
+    if _compat.is_array_api_obj(x):
+        _ARRAY_TYPES.add(t)
+        return True
+    return False
 
 
 def backend_name(x: Any) -> str:
@@ -37,10 +50,11 @@ def backend_name(x: Any) -> str:
 _NAMESPACES: dict[type, Any] = {}  # array type -> namespace (the same for every instance)
 
 
-def namespace(arrays: list, what: str) -> Any:
+def namespace(arrays: list, what: str, path: Any = None) -> Any:
     """The array-API namespace shared by ``arrays``; a clear TypeError if they are mixed.
 
-    ``what`` names the argument(s) in the message, e.g. ``"params and grads"``.
+    ``what`` names the argument(s) in the message, e.g. ``"params"``; ``path(i)`` (if
+    given) names element ``i`` as the user wrote it (``params['w']``).
     """
     types = set(map(type, arrays))
     if len(types) == 1:  # the common case, asked once per type
@@ -50,9 +64,10 @@ def namespace(arrays: list, what: str) -> Any:
             xp = _NAMESPACES[t] = _compat.array_namespace(arrays[0])
         if xp is not None:
             return xp
+    name = path if path is not None else (lambda i: f"{what} leaf {i}")
     for i, a in enumerate(arrays):
         if not _compat.is_array_api_obj(a):
-            raise TypeError(f"{what}: leaf {i} is not an array, got {type(a).__name__}: {a!r:.80}")
+            raise TypeError(f"{name(i)} is not an array, got {type(a).__name__}: {a!r:.80}")
     try:
         return _compat.array_namespace(*arrays)
     except TypeError:
@@ -74,18 +89,19 @@ def _device_key(x: Any) -> Any:
     return _compat.device(x)
 
 
-def check_same_device(arrays: list, what: str) -> None:
+def check_same_device(arrays: list, what: str, path: Any = None) -> None:
     """Raise ValueError naming the devices if ``arrays`` do not all live on one device."""
     if len(arrays) < 2:
         return
     if _compat.is_torch_array(arrays[0]) and len({a.device for a in arrays}) == 1:
         return  # torch's own attribute: the common case, without a call per array
+    name = path if path is not None else (lambda i: f"{what} leaf {i}")
     first = _device_key(arrays[0])
     for i, a in enumerate(arrays[1:], start=1):
         d = _device_key(a)
         if d is not None and first is not None and d != first:
             raise ValueError(
-                f"{what} live on different devices: leaf 0 on {first!r}, leaf {i} on {d!r}"
+                f"{what} live on different devices: {name(0)} on {first!r}, {name(i)} on {d!r}"
             )
 
 
@@ -157,3 +173,146 @@ def copy(xp: Any, x: Any) -> Any:
 
 def is_python_scalar(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# -- dtypes -----------------------------------------------------------------------------
+
+
+def float_kind(xp: Any, dtype: Any) -> str | None:
+    """ "real" or "complex" for the floating dtypes an optimizer takes, else None.
+    NumPy arrays of ``ml_dtypes.bfloat16`` (what JAX hands to NumPy) count as real:
+    NumPy itself does not know them (``np.isdtype`` raises)."""
+    if isinstance(dtype, np.dtype) and dtype.kind == "V" and dtype.name == "bfloat16":
+        return "real"
+    try:
+        if xp.isdtype(dtype, "real floating"):
+            return "real"
+        if xp.isdtype(dtype, "complex floating"):
+            return "complex"
+    except TypeError:  # a dtype the library's isdtype does not know
+        return None
+    return None
+
+
+def real_dtype(xp: Any, dtype: Any) -> Any:
+    """The real dtype of a complex one (complex64 -> float32), else ``dtype``."""
+    name = str(dtype).rsplit(".", 1)[-1]
+    real = _REAL_OF.get(name)
+    return dtype if real is None else getattr(xp, real)
+
+
+_REAL_OF = {"complex64": "float32", "complex128": "float64", "complex32": "float16"}
+
+
+# -- complex arrays as pairs of reals (torch.optim's view_as_real) ----------------------
+
+
+def as_real(xp: Any, x: Any) -> Any:
+    """A complex array as a real one with a trailing axis of 2 (real, imaginary): a view
+    sharing memory where the library has views (NumPy, CuPy, torch), so that writing into
+    it writes into ``x``; a new array elsewhere (JAX, array-api-strict)."""
+    if is_torch(xp):
+        import torch
+
+        return torch.view_as_real(x)
+    if is_numpy(xp) or _compat.is_cupy_namespace(xp):
+        mod = np if is_numpy(xp) else _cupy()
+        re = x.real  # a view with x's strides
+        half = x.dtype.itemsize // 2
+        return mod.lib.stride_tricks.as_strided(
+            re, shape=tuple(x.shape) + (2,), strides=tuple(re.strides) + (half,)
+        )
+    return xp.stack([xp.real(x), xp.imag(x)], axis=-1)
+
+
+def as_complex(xp: Any, r: Any, dtype: Any) -> Any:
+    """The inverse of :func:`as_real`: a new complex array of ``dtype`` from ``r[..., 0]``
+    (real parts) and ``r[..., 1]`` (imaginary parts)."""
+    if is_torch(xp):
+        import torch
+
+        return torch.complex(r[..., 0], r[..., 1])
+    if is_jax(xp):
+        import jax
+
+        return jax.lax.complex(r[..., 0], r[..., 1])
+    if is_numpy(xp) or _compat.is_cupy_namespace(xp):
+        mod = np if is_numpy(xp) else _cupy()
+        out = mod.empty(r.shape[:-1], dtype=dtype)
+        out.real, out.imag = r[..., 0], r[..., 1]
+        return out
+    re, im = xp.astype(r[..., 0], dtype), xp.astype(r[..., 1], dtype)
+    return re + im * 1j
+
+
+def _cupy() -> Any:
+    import cupy  # a CuPy namespace was found: cupy is imported
+
+    return cupy
+
+
+# -- what the stateful form may write into ----------------------------------------------
+
+
+def not_writable(xp: Any, arrays: list) -> tuple[int, str] | None:
+    """The first array the stateful form cannot write into in place, and why; None if
+    it can write into all of them. (A tight loop per library: it runs every step.)"""
+    if is_numpy(xp):
+        if all(type(a) is np.ndarray and a.flags.writeable for a in arrays):
+            return None
+        for i, a in enumerate(arrays):
+            if not isinstance(a, np.ndarray):
+                return (
+                    i,
+                    f"is a NumPy scalar ({type(a).__name__}), not an array that can be updated",
+                )
+            if not a.flags.writeable:
+                return i, (
+                    "is read-only (a broadcast view, a memory map opened with mode='r', or "
+                    "an array with flags.writeable = False); pass a writable copy, e.g. "
+                    "np.array(x)"
+                )
+    elif is_torch(xp):
+        import torch
+
+        if any(a.is_inference() for a in arrays) and not torch.is_inference_mode_enabled():
+            i = next(i for i, a in enumerate(arrays) if a.is_inference())
+            return i, (
+                "is an inference tensor (made under torch.inference_mode()), which cannot be "
+                "updated in place outside inference mode; pass x.clone() made outside it"
+            )
+    return None
+
+
+def sparse_layout(x: Any) -> str | None:
+    """The layout name of a sparse torch tensor, None for a dense array."""
+    if _compat.is_torch_array(x):
+        import torch
+
+        if x.layout != torch.strided:
+            return str(x.layout)
+    return None
+
+
+# -- scalars ----------------------------------------------------------------------------
+
+
+def concrete_value(x: Any) -> float | None:
+    """The value of a 0-d array as a float, or None when it has no value here: a traced
+    array (``jax.jit``, ``jax.vmap``, ``jax.grad``) or one a tracing compiler fakes."""
+    try:
+        return float(x)
+    except Exception:  # ConcretizationTypeError, TracerBoolConversionError, ...
+        return None
+
+
+def host_value(x: Any) -> float | None:
+    """A 0-d array whose value can be read without a device sync or losing a gradient
+    (a CPU torch tensor that does not require grad, a NumPy array), as a float: the
+    engine then runs the host float64 math, as for a Python number. None otherwise."""
+    if isinstance(x, np.ndarray) and x.ndim == 0:
+        return float(x)
+    if _compat.is_torch_array(x):
+        if x.ndim == 0 and x.device.type == "cpu" and not x.requires_grad:
+            return concrete_value(x)
+    return None

@@ -6,18 +6,28 @@ numbers within the dtype's tolerance; the conformance matrix holds it to that.
 
 A :class:`FastPath` has
 
-- ``step(xp, params, grads, slots, hp, k, inplace) -> (params, slots)``: one update of
-  a group. ``params`` and ``grads`` are sequences of arrays, ``slots`` is
-  ``{slot name: sequence}`` (one array per param, as in ``OptState.slots``: a tuple,
-  list or :class:`polyopt.flat.Packed`); the new slots come back in that form. ``hp``
-  are the group's hyperparameters at step ``k`` (the 0-based count before this
-  update). With ``inplace`` (the stateful form) it may write
-  into ``params`` and ``slots`` and return them; without, it must leave its inputs
-  untouched (pure).
+- ``pure(xp, params, grads, slots, hp, k) -> (params, slots)``: one update of a run of
+  arrays of one group, leaving its inputs untouched. ``params`` and ``grads`` are
+  sequences of arrays, ``slots`` is ``{slot name: sequence}`` (one array per param, as
+  in ``OptState.slots``: a tuple, list or :class:`polyopt.flat.Packed`); the new slots
+  come back in that form. ``hp`` are the group's hyperparameters at this step (numbers
+  where they were numbers or host-resident 0-d arrays; the key ``_base.ARRAYS`` is set
+  when some are arrays), ``k`` the number of updates these arrays have had so far (a
+  Python int, or a 0-d array under ``jax.jit``).
+- ``inplace(xp, params, grads, slots, hp, k) -> commit`` (optional; the stateful form
+  on libraries with mutable arrays): plan an update that writes into ``params`` and
+  ``slots``. Everything that can fail (checks, allocations, compiling, the generic math
+  for arrays the kernel does not take) happens here, and nothing is written; the
+  returned ``commit()`` then writes and returns ``(params, slots)`` like ``pure``, and
+  must not fail, so that a step is all-or-nothing across groups. Without it the engine
+  runs ``pure`` and writes the results itself.
 - ``init(xp, params, names) -> slots`` (optional): the state of a group as
   ``{name: sequence}``, e.g. views into one flat buffer per slot so that one kernel
   launch can update them all, or (JAX, whose arrays cannot be views) a
   :class:`polyopt.flat.Packed` over one buffer per slot.
+
+Complex arrays reach a fast path as real views with a trailing axis of 2 (see
+``polyopt._xp.as_real``), so a kernel written for real arrays serves them too.
 
 The dispatch point is :func:`lookup`, called once per update by the engine:
 ``impl="generic"`` never uses a fast path, ``"fused"`` requires one (a clear error
@@ -33,7 +43,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class FastPath:
-    step: Callable
+    pure: Callable
+    inplace: Callable | None = None
     init: Callable | None = None
 
 

@@ -405,12 +405,13 @@ def _is_number(x: Any) -> bool:
 def kernel_scalars(hp: dict, k: Any) -> tuple[tuple[float, ...], tuple[int, ...]] | None:
     """The kernels' scalars (:data:`SCALARS`, float64) and flags (:data:`FLAGS`) for the
     hyperparameters ``hp`` at the 0-based step ``k``, computed on the host as the rule
-    computes them (bias corrections ``1 - beta**t`` in float64). None when ``k``, ``lr``
-    or ``weight_decay`` is not a Python number (an array: the generic path handles it)."""
+    computes them (bias corrections ``1 - beta**t`` in float64). None when ``k`` or a
+    hyperparameter is not a Python number (an array: the generic path handles it)."""
     from .._base import bias_correction, scalar_sqrt  # the rule's own helpers
 
     lr, wd = hp["lr"], hp["weight_decay"]
-    if not (isinstance(k, int) and _is_number(k) and _is_number(lr) and _is_number(wd)):
+    numbers = (k, lr, wd, hp["eps"], *hp["betas"])
+    if not (isinstance(k, int) and all(_is_number(x) for x in numbers)):
         return None
     b1, b2 = (float(b) for b in hp["betas"])
     lr, wd, eps = float(lr), float(wd), float(hp["eps"])

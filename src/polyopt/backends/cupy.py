@@ -13,7 +13,9 @@ operations as ``polyopt.rules.adam._step``; this module only chooses how to laun
 Zero-size arrays launch nothing. Scalars are computed on the host in float64
 (:func:`~polyopt.backends._cuda_source.kernel_scalars`) and rounded once to the compute
 type (float32 for float16/bfloat16/float32 params, float64 for float64). The state made
-by :func:`init` is flat: one buffer per (slot, dtype). A step whose ``lr``,
+by :func:`init` is flat: one buffer per (slot, dtype). In the stateful form everything
+is prepared (outputs, multi-tensor kernels compiled, pointer tables on the device)
+before the first launch. A step whose ``lr``,
 ``weight_decay`` or step count is an array rather than a Python number runs the generic
 rule instead (same numbers, more launches).
 
@@ -136,16 +138,21 @@ def _buffers(views: list) -> list:
     return [b for b in out if b.size > 0]
 
 
-def step(
-    xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inplace: bool
-) -> tuple[list, dict]:
-    """One fused Adam/AdamW update of a group (see the module docstring)."""
-    global LAST_PATH
+def _plan(xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inplace: bool):
+    """One fused Adam/AdamW update of a run of arrays (see the module docstring):
+    outputs allocated, kernels compiled and tables uploaded now; the returned commit
+    launches (in place: into params and slots) and returns ``(params, slots)``."""
     host = src.kernel_scalars(hp, k)
     if host is None:  # an array lr / weight_decay / step count: the generic rule
-        LAST_PATH = ("generic",)
-        LAUNCHES["generic"] += 1
-        return _GENERIC._step_group(xp, params, grads, slots, hp, k)
+        result = _GENERIC._step_group(xp, params, grads, slots, hp, k)
+
+        def commit_generic():
+            global LAST_PATH
+            LAST_PATH = ("generic",)
+            LAUNCHES["generic"] += 1
+            return result
+
+        return commit_generic
 
     names = _slot_names(hp)
     amsgrad = bool(hp["amsgrad"])
@@ -160,16 +167,37 @@ def step(
         out_s = [_empty_like(xp, s) for s in state]
 
     with params[0].device:
-        launches = _span_launch(params, grads, state, out_p, out_s, amsgrad, inplace, host)
-        if launches is None:
-            launches = _list_launches(params, grads, state, out_p, out_s, amsgrad, inplace, host)
-    LAST_PATH = tuple(launches)
-    LAUNCHES.update(launches)
-    return out_p, dict(zip(names, out_s))
+        launch = _span_launch(params, grads, state, out_p, out_s, amsgrad, inplace, host)
+        if launch is None:
+            launch = _list_launches(params, grads, state, out_p, out_s, amsgrad, inplace, host)
+
+    def commit():
+        global LAST_PATH
+        with params[0].device:
+            launches = launch()
+        LAST_PATH = tuple(launches)
+        LAUNCHES.update(launches)
+        return out_p, dict(zip(names, out_s))
+
+    return commit
 
 
-def _span_launch(params, grads, state, out_p, out_s, amsgrad, inplace, host) -> list | None:
-    """Strategy (a): one elementwise launch over 1-D spans; None if not applicable."""
+def step(xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inplace: bool):
+    """One update, planned and committed at once (``inplace``: into params and slots)."""
+    return _plan(xp, params, grads, slots, hp, k, inplace)()
+
+
+def pure(xp, params, grads, slots, hp, k):
+    return _plan(xp, params, grads, slots, hp, k, False)()
+
+
+def inplace(xp, params, grads, slots, hp, k):
+    return _plan(xp, params, grads, slots, hp, k, True)
+
+
+def _span_launch(params, grads, state, out_p, out_s, amsgrad, inplace, host):
+    """Strategy (a): one elementwise launch over 1-D spans, as a thunk that launches and
+    returns the launch names; None if not applicable."""
     groups = [params, grads, *state] + ([] if inplace else [out_p, *out_s])
     spans = []
     for g in groups:
@@ -180,27 +208,32 @@ def _span_launch(params, grads, state, out_p, out_s, amsgrad, inplace, host) -> 
     n = len(state)
     p, g, st = spans[0], spans[1], spans[2 : 2 + n]
     if p.size == 0:
-        return []  # nothing to update: no launch
+        return lambda: []  # nothing to update: no launch
     if inplace:
-        _elementwise(p, g, st, p, st, amsgrad, True, host)
+        call = _elementwise(p, g, st, p, st, amsgrad, True, host)
     else:
-        _elementwise(p, g, st, spans[2 + n], spans[3 + n :], amsgrad, False, host)
-    return ["span"]
+        call = _elementwise(p, g, st, spans[2 + n], spans[3 + n :], amsgrad, False, host)
+
+    def launch():
+        call()
+        return ["span"]
+
+    return launch
 
 
-def _elementwise(p, g, st, po, so, amsgrad, inplace, host) -> None:
+def _elementwise(p, g, st, po, so, amsgrad, inplace, host):
+    """The elementwise launch for one array (or span), as a thunk."""
     compute = src.COMPUTE[p.dtype.name]
     kernel = ELEMENTWISE[(amsgrad, inplace, compute)]
     args = _scalars(host, compute) + _flags(host)
     if inplace:
-        kernel(g, *args, p, *st)
-    else:
-        kernel(p, g, *st, *args, po, *so)
+        return lambda: kernel(g, *args, p, *st)
+    return lambda: kernel(p, g, *st, *args, po, *so)
 
 
-def _list_launches(params, grads, state, out_p, out_s, amsgrad, inplace, host) -> list:
-    """Strategies (b) and (c)."""
-    launches = []
+def _list_launches(params, grads, state, out_p, out_s, amsgrad, inplace, host):
+    """Strategies (b) and (c), as a thunk that launches and returns the launch names."""
+    calls, launches = [], []
     buckets: dict[str, list[int]] = {}
     singles: list[int] = []
     for i, p in enumerate(params):
@@ -217,19 +250,28 @@ def _list_launches(params, grads, state, out_p, out_s, amsgrad, inplace, host) -
         if len(idx) == 1:
             singles.extend(idx)
             continue
-        _multi_tensor(params, grads, state, out_p, out_s, idx, amsgrad, host)
+        calls.append(_multi_tensor(params, grads, state, out_p, out_s, idx, amsgrad, host))
         launches.append("multi_tensor")
     for i in sorted(singles):
         st = [s[i] for s in state]
-        _elementwise(
-            params[i], grads[i], st, out_p[i], [s[i] for s in out_s], amsgrad, inplace, host
+        calls.append(
+            _elementwise(
+                params[i], grads[i], st, out_p[i], [s[i] for s in out_s], amsgrad, inplace, host
+            )
         )
         launches.append("elementwise")
-    return launches
+
+    def launch():
+        for call in calls:
+            call()
+        return launches
+
+    return launch
 
 
-def _multi_tensor(params, grads, state, out_p, out_s, idx, amsgrad, host) -> None:
-    """Strategy (b): one launch for the arrays ``idx`` (one dtype, all C-contiguous).
+def _multi_tensor(params, grads, state, out_p, out_s, idx, amsgrad, host):
+    """Strategy (b): one launch for the arrays ``idx`` (one dtype, all C-contiguous), as
+    a thunk; the kernel is compiled and the tables are on the device before it runs.
     Pure or in place only differs in the output pointer tables."""
     names = ("m", "v", "vmax")
     pointers = {
@@ -262,7 +304,8 @@ def _multi_tensor(params, grads, state, out_p, out_s, idx, amsgrad, host) -> Non
         + _flags(host)
     )
     grid = min(tbl.n_chunks, 2**31 - 1)
-    multi_tensor_kernel(dtype)((grid,), (src.MULTI_TENSOR_BLOCK,), args)
+    kernel = multi_tensor_kernel(dtype)
+    return lambda: kernel((grid,), (src.MULTI_TENSOR_BLOCK,), args)
 
 
-register(("adam", "adamw"), "cupy", FastPath(step=step, init=init))
+register(("adam", "adamw"), "cupy", FastPath(pure=pure, inplace=inplace, init=init))

@@ -72,7 +72,12 @@ def _one_device(params: list) -> bool:
 
 def _packable(params: list) -> bool:
     dtype = params[0].dtype
-    return len(params) > 1 and all(p.dtype == dtype for p in params) and _one_device(params)
+    return (
+        len(params) > 1
+        and jax.numpy.issubdtype(dtype, jax.numpy.floating)  # complex params: per array
+        and all(p.dtype == dtype for p in params)
+        and _one_device(params)
+    )
 
 
 #: Arrays of up to SMALL elements are packed, RUN elements per buffer at most. Packing
@@ -123,9 +128,7 @@ def init(xp: Any, params: list, names: tuple[str, ...]) -> dict:
     return {name: Packed([zeros(a, b) for a, b in plan], tails) for name in names}
 
 
-def step(
-    xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inplace: bool
-) -> tuple[list, dict]:
+def step(xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any) -> tuple[list, dict]:
     shapes = tuple(tuple(p.shape) for p in params)
     plan, tails = _plan(shapes)
     if len(plan) == len(params):  # nothing to pack
@@ -189,4 +192,4 @@ def _join(xp: Any, arrays: list) -> Any:
     return xp.concat([xp.reshape(a, (-1,)) for a in arrays])
 
 
-register(("adam", "adamw"), "jax", FastPath(step, init))
+register(("adam", "adamw"), "jax", FastPath(pure=step, init=init))

@@ -542,20 +542,25 @@ def init(xp, params, names):
 _ENGINE = _pytypes.SimpleNamespace(rule=_adam.ADAM)  # ADAM and ADAMW share one _step
 
 
-def _generic(xp, params, grads, slots, hp, k, inplace, idx, new_p, new_s):
-    """The engine's own per-array step for the arrays ``idx``, into new_p/new_s.
-
-    In the stateful form the new state is written into the old arrays where it can be,
-    so that the state keeps its flat layout for the next step."""
+def _generic(xp, params, grads, slots, hp, k, idx, new_p, new_s):
+    """The engine's own per-array step for the arrays ``idx``, into new_p/new_s (new
+    arrays: nothing is written)."""
     for i in idx:
         old = {name: arrays[i] for name, arrays in slots.items()}
         new_p[i], s = _base.Optimizer._step_one(_ENGINE, xp, params[i], grads[i], old, hp, k)
         for name, a in s.items():
-            dst = old[name]
-            if inplace and type(dst) is np.ndarray and dst.flags.writeable:
-                dst[...] = a
-                a = dst
             new_s[name][i] = a
+
+
+def _keep_layout(slots, idx, new_s):
+    """In place: the new state of the arrays ``idx`` written into the old state arrays,
+    so that the state keeps its flat layout for the next step."""
+    for i in idx:
+        for name, arrays in new_s.items():
+            dst = slots[name][i]
+            if type(dst) is np.ndarray and dst.flags.writeable:
+                dst[...] = arrays[i]
+                arrays[i] = dst
 
 
 def _is_number(x) -> bool:
@@ -717,7 +722,11 @@ def _run(tab, off, sizes, sc, fl, dtype, span, pure_params=None, names=()):
     return views[0], dict(zip(names, views[1:]))
 
 
-def step(xp, params, grads, slots, hp, k, inplace):
+def _plan(xp, params, grads, slots, hp, k, inplace: bool):
+    """Everything a group's update needs but the writes; returns the commit, which
+    launches the kernels (in place: into params and slots) and returns the results.
+    The generic math for arrays the kernel does not take is computed here, into new
+    arrays, so that a failure leaves nothing written."""
     global LAST_PATH
     n = len(params)
     new_p: list = [None] * n
@@ -725,11 +734,17 @@ def step(xp, params, grads, slots, hp, k, inplace):
     got = _scalars(hp, k)
     if got is None:
         LAST_PATH = "generic"
-        _generic(xp, params, grads, slots, hp, k, inplace, range(n), new_p, new_s)
-        return new_p, new_s
+        _generic(xp, params, grads, slots, hp, k, range(n), new_p, new_s)
+
+        def commit_generic():
+            if inplace:
+                _keep_layout(slots, range(n), new_s)
+            return new_p, new_s
+
+        return commit_generic
     sc, fl = got
     names = _SLOTS if fl[3] else _SLOTS[:2]
-    tab, sizes, codes, uniform, span = _table(params, grads, slots, names, bool(inplace))
+    tab, sizes, codes, uniform, span = _table(params, grads, slots, names, inplace)
 
     if uniform:  # the common case: one launch for the whole group
         LAST_PATH = "span" if span else "pointers"
@@ -737,9 +752,14 @@ def step(xp, params, grads, slots, hp, k, inplace):
         np.cumsum(sizes, out=off[1:])
         dtype = _DTYPES[codes[0]]
         if inplace:
-            _run(tab, off, sizes, sc, fl, dtype, span)
-            return list(params), slots
-        return _run(tab, off, sizes, sc, fl, dtype, span, params, names)
+
+            def commit_one():
+                _run(tab, off, sizes, sc, fl, dtype, span)
+                return list(params), slots
+
+            return commit_one
+        result = _run(tab, off, sizes, sc, fl, dtype, span, params, names)
+        return lambda: result
 
     # several dtypes, or arrays the kernel cannot take: one launch per dtype, and the
     # generic math for the rest
@@ -749,36 +769,47 @@ def step(xp, params, grads, slots, hp, k, inplace):
         if _overlap(np.ascontiguousarray(tab[0, ok]), nbytes, 1):  # see _inspect
             codes[:] = _GENERIC
     LAST_PATH = "split" if (codes >= 0).any() else "generic"
+    launches = []
     for code in np.unique(codes[codes >= 0]).tolist():
         idx = np.flatnonzero(codes == code)
         off = np.zeros(len(idx) + 1, np.int64)
         np.cumsum(sizes[idx], out=off[1:])
-        sub = np.ascontiguousarray(tab[:, idx])
-        if inplace:
-            _run(sub, off, sizes[idx], sc, fl, _DTYPES[code], False)
-            for i in idx.tolist():
-                new_p[i] = params[i]
-                for name in names:
-                    new_s[name][i] = slots[name][i]
-        else:
-            ps, ss = _run(
-                sub,
-                off,
-                sizes[idx],
-                sc,
-                fl,
-                _DTYPES[code],
-                False,
-                [params[i] for i in idx.tolist()],
-                names,
-            )
-            for j, i in enumerate(idx.tolist()):
-                new_p[i] = ps[j]
-                for name in names:
-                    new_s[name][i] = ss[name][j]
+        launches.append((np.ascontiguousarray(tab[:, idx]), off, sizes[idx], code, idx.tolist()))
     rest = np.flatnonzero(codes < 0).tolist()
-    _generic(xp, params, grads, slots, hp, k, inplace, rest, new_p, new_s)
-    return new_p, new_s
+    _generic(xp, params, grads, slots, hp, k, rest, new_p, new_s)
+
+    def commit_split():
+        for sub, off, sz, code, idx in launches:
+            if inplace:
+                _run(sub, off, sz, sc, fl, _DTYPES[code], False)
+                for i in idx:
+                    new_p[i] = params[i]
+                    for name in names:
+                        new_s[name][i] = slots[name][i]
+            else:
+                ps, ss = _run(
+                    sub, off, sz, sc, fl, _DTYPES[code], False, [params[i] for i in idx], names
+                )
+                for j, i in enumerate(idx):
+                    new_p[i] = ps[j]
+                    for name in names:
+                        new_s[name][i] = ss[name][j]
+        if inplace:
+            _keep_layout(slots, rest, new_s)
+        return new_p, new_s
+
+    if inplace:
+        return commit_split
+    result = commit_split()
+    return lambda: result
 
 
-register(("adam", "adamw"), "numpy", FastPath(step, init))
+def pure(xp, params, grads, slots, hp, k):
+    return _plan(xp, params, grads, slots, hp, k, False)()
+
+
+def inplace(xp, params, grads, slots, hp, k):
+    return _plan(xp, params, grads, slots, hp, k, True)
+
+
+register(("adam", "adamw"), "numpy", FastPath(pure, inplace, init))

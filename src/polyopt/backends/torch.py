@@ -36,7 +36,8 @@ called, and the two places their rounding differs from the generic path:
 Where the kernels cannot be used, the group (or the tensor) takes the generic rule, so
 ``impl="fused"`` always gives the generic path's numbers within the dtype's tolerance:
 
-- hyperparameters that are not Python numbers (the kernels take host scalars);
+- hyperparameters that are not Python numbers (the kernels take host scalars; a
+  0-d CPU tensor that needs no gradient is read as a number by the engine first);
 - a device type without fused kernels (torch's own list), or a dtype other than
   float16 / bfloat16 / float32 / float64;
 - a parameter or state tensor that is not contiguous: torch's CPU kernel walks
@@ -112,10 +113,13 @@ def _fusable(device: torch.device, dtype: torch.dtype) -> bool:
 _NEW = object()
 
 
-def step(xp, params, grads, slots, hp, k, inplace):
-    """One Adam/AdamW update of a parameter group (see the module docstring)."""
+def _plan(xp, params, grads, slots, hp, k, inplace):
+    """One Adam/AdamW update of a run of arrays (see the module docstring): the lists
+    for the kernels and the generic math for the tensors they cannot take are made now;
+    the returned commit runs the kernels (in place) and returns ``(params, slots)``."""
     if not HAVE_FUSED or not _host_scalars(hp, k):
-        return _GENERIC._step_group(xp, params, grads, slots, hp, k)
+        result = _GENERIC._step_group(xp, params, grads, slots, hp, k)
+        return lambda: result
 
     names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] else ())
     out_p: list = [None] * len(params)
@@ -155,40 +159,56 @@ def step(xp, params, grads, slots, hp, k, inplace):
     lr, wd = float(hp["lr"]), float(hp["weight_decay"])
     decoupled = bool(hp["decoupled_weight_decay"])
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    launches = []
     steps: dict = {}
     for (dev, dt), lists in groups.items():
         if not lists or not lists[0]:
             continue
-        ps, gs, ms, vs, maxs = lists
         t = steps.get(dev)
         if t is None:  # the 1-based step the kernel reads (torch.optim increments first)
             t = steps[dev] = torch.full((), float(k + 1), dtype=torch.float32, device=dev)
-        kernel_wd = wd
-        if (
+        separate_decay = (
             decoupled
             and lr * wd > 0
             and dt in (torch.float32, torch.float64)
             and _kernel_decay_error(lr * wd, dt) > DECAY_RTOL
-        ):
-            torch._foreach_add_(ps, ps, alpha=-(lr * wd))  # p − (lr·λ)·p, as the rule does
-            kernel_wd = 0.0
-        kernel(
-            ps,
-            gs,
-            ms,
-            vs,
-            maxs,
-            [t] * len(ps),
-            lr=lr,
-            beta1=float(b1),
-            beta2=float(b2),
-            weight_decay=kernel_wd,
-            eps=float(hp["eps"]),
-            amsgrad=bool(hp["amsgrad"]),
-            maximize=bool(hp["maximize"]),
         )
-    return out_p, out_s
+        launches.append((lists, t, separate_decay))
+
+    def commit():
+        for (ps, gs, ms, vs, maxs), t, separate_decay in launches:
+            if separate_decay:
+                torch._foreach_add_(ps, ps, alpha=-(lr * wd))  # p − (lr·λ)·p, as the rule does
+            kernel(
+                ps,
+                gs,
+                ms,
+                vs,
+                maxs,
+                [t] * len(ps),
+                lr=lr,
+                beta1=float(b1),
+                beta2=float(b2),
+                weight_decay=0.0 if separate_decay else wd,
+                eps=float(hp["eps"]),
+                amsgrad=bool(hp["amsgrad"]),
+                maximize=bool(hp["maximize"]),
+            )
+        return out_p, out_s
+
+    if inplace:
+        return commit
+    result = commit()  # on the clones
+    return lambda: result
 
 
-FUSED_ADAM = FastPath(step)
+def pure(xp, params, grads, slots, hp, k):
+    return _plan(xp, params, grads, slots, hp, k, False)()
+
+
+def inplace(xp, params, grads, slots, hp, k):
+    return _plan(xp, params, grads, slots, hp, k, True)
+
+
+FUSED_ADAM = FastPath(pure, inplace)
 register(("adam", "adamw"), "torch", FUSED_ADAM)

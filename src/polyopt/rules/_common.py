@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import _validate
 from .._base import Optimizer, Rule
-from .._xp import is_python_scalar
 
 
 def on(x: Any) -> bool:
-    """Whether a term is active: False only for a plain zero (a schedule is always on)."""
-    return not (is_python_scalar(x) and x == 0)
+    """Whether a term is active: False only for a zero that is known here (a number, or
+    a concrete 0-d array); a schedule or a traced array is always on."""
+    if type(x) is float or type(x) is int:
+        return x != 0
+    v = _validate.value(x)
+    return v is None or v != 0
+
+
+def fill_like(p: Any, value: Any, xp: Any) -> Any:
+    """An array like ``p`` holding ``value`` everywhere (a number or a 0-d array); for a
+    complex ``p``, ``value + 0j`` (torch's ``full_like`` on a complex tensor)."""
+    if type(value) is float or type(value) is int:
+        return xp.full_like(p, value)
+    return xp.zeros_like(p) + xp.astype(value, p.dtype)
 
 
 def decay(p: Any, g: Any, hp: dict, decoupled: bool = False) -> tuple[Any, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import _validate as v
 from .._base import Optimizer, Rule
-from ._common import decay, make
+from ._common import decay, fill_like, make
 
 DEFAULTS = dict(
     lr=1e-2,
@@ -32,7 +32,7 @@ def _slots(hp: dict) -> tuple[str, ...]:
 
 
 def _init(p, hp, xp):
-    return {"sum": xp.full_like(p, hp["initial_accumulator_value"])}
+    return {"sum": fill_like(p, hp["initial_accumulator_value"], xp)}
 
 
 def _step(p, g, s, hp, t, xp):

@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import _validate as v
 from .._base import Optimizer, Rule
-from ._common import decay, make
+from ._common import decay, make, on
 
 DEFAULTS = dict(
     lr=1e-2,
@@ -31,7 +31,7 @@ def _check(hp: dict) -> None:
 
 def _slots(hp: dict) -> tuple[str, ...]:
     names = ("square_avg",)
-    if hp["momentum"] > 0:
+    if on(hp["momentum"]):
         names += ("momentum_buffer",)
     if hp["centered"]:
         names += ("grad_avg",)
@@ -49,7 +49,7 @@ def _step(p, g, s, hp, t, xp):
         avg = xp.sqrt(sq - ga * ga) + hp["eps"]
     else:
         avg = xp.sqrt(sq) + hp["eps"]
-    if mu > 0:
+    if on(mu):
         buf = mu * s["momentum_buffer"] + g / avg
         out["momentum_buffer"] = buf
         return p - lr * buf, out

@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import _validate as v
 from .._base import Optimizer, Rule, after_first
-from ._common import decay, make
+from ._common import decay, make, on
 
 DEFAULTS = dict(
     lr=1e-3,
@@ -27,7 +27,8 @@ def _check(hp: dict) -> None:
     v.flag("nesterov", hp["nesterov"])
     v.flag("maximize", hp["maximize"])
     v.flag("decoupled_weight_decay", hp["decoupled_weight_decay"])
-    if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
+    mu, tau = v.value(hp["momentum"]), v.value(hp["dampening"])
+    if hp["nesterov"] and ((mu is not None and mu <= 0) or (tau is not None and tau != 0)):
         raise ValueError(
             "nesterov needs momentum > 0 and dampening = 0, "
             f"got momentum={hp['momentum']!r}, dampening={hp['dampening']!r}"
@@ -35,14 +36,14 @@ def _check(hp: dict) -> None:
 
 
 def _slots(hp: dict) -> tuple[str, ...]:
-    return ("momentum_buffer",) if hp["momentum"] != 0 else ()
+    return ("momentum_buffer",) if on(hp["momentum"]) else ()
 
 
 def _step(p, g, s, hp, t, xp):
     lr, mu = hp["lr"], hp["momentum"]
     p, g = decay(p, g, hp, decoupled=hp["decoupled_weight_decay"])
     out = {}
-    if mu != 0:
+    if on(mu):
         # torch starts the buffer at g (no dampening on step one); the buffer starts at
         # zero here, so step one uses coefficient 1 instead of (1 - dampening).
         buf = mu * s["momentum_buffer"] + (1 - hp["dampening"] * after_first(t, xp)) * g
