@@ -122,21 +122,28 @@ def torch_optimizer(case: C.Case, tensors: list):
 
 
 def torch_run(case: C.Case, p0: list, grads: list):
-    """Yield ``(params, states)`` as float64 NumPy after each torch.optim step."""
+    """Yield ``(params, states)`` as NumPy arrays after each torch.optim step.
+
+    ``p0`` may be float64 or complex128; a ``None`` in ``grads[k]`` leaves that tensor's
+    ``.grad`` None for step k (torch skips it). A step where every grad is None changes
+    nothing in torch; the LR scheduler is not stepped after it either, as polyopt's step
+    count (which drives its schedules) does not move on such a step. A tensor torch
+    holds no state for yet yields ``{}``."""
     import warnings
 
     import torch
 
-    tensors = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in p0]
+    tensors = [torch.tensor(p, requires_grad=True) for p in p0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scheduler construction warnings are not ours
         opt, sched, wd_fn = torch_optimizer(case, tensors)
-    for k, gs in enumerate(grads):
+    k = 0  # polyopt's step count: steps that updated something
+    for gs in grads:
         if wd_fn is not None:
             for group in opt.param_groups:
                 group["weight_decay"] = wd_fn(k)
         for t, g in zip(tensors, gs, strict=True):
-            t.grad = torch.tensor(g, dtype=torch.float64)
+            t.grad = None if g is None else torch.tensor(g)
         opt.step()
         params = [t.detach().numpy().copy() for t in tensors]
         states = [
@@ -144,10 +151,50 @@ def torch_run(case: C.Case, p0: list, grads: list):
             for t in tensors
         ]
         yield params, states
+        if all(g is None for g in gs):
+            continue
+        k += 1
         if sched is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 sched.step()
+
+
+def assert_matches_torch(case: C.Case, run, p0: list, grads: list, label: str, rtol=1e-9):
+    """Run ``run(p0, grads)`` (yielding ``(params, per-array slots)`` after each step)
+    beside :func:`torch_run` and assert every param and state entry within ``rtol``
+    (``atol = rtol * max|torch|`` per array). An array torch holds no state for yet (it
+    never had a gradient) must still hold polyopt's initial state."""
+    import polyopt
+
+    init = polyopt.OPTIMIZERS[case.name][0](**C.polyopt_hyperparams(case)).init(
+        [np.array(p) for p in p0]
+    )
+    n = 0
+    for k, ((params, slots), (tp, ts)) in enumerate(
+        zip(run(p0, grads), torch_run(case, p0, grads), strict=True)
+    ):
+        n += 1
+        for i, (p, q) in enumerate(zip(params, tp, strict=True)):
+            _close(p, q, rtol, f"{case.id} [{label}] params[{i}] after step {k + 1}")
+        for i, (s, st) in enumerate(zip(slots, ts, strict=True)):
+            if not st:
+                for name, a in s.items():
+                    _close(a, init.slots[name][i], rtol, f"{case.id} [{label}] state[{i}][{name}]")
+                continue
+            assert set(s) == set(st), f"{case.id}: slots {sorted(s)} vs torch's {sorted(st)}"
+            for name in s:
+                what = f"{case.id} [{label}] state[{i}][{name}] after step {k + 1}"
+                _close(s[name], st[name], rtol, what)
+    assert n == len(grads)
+
+
+def _close(actual, desired, rtol, what):
+    actual, desired = np.asarray(actual), np.asarray(desired)
+    assert actual.shape == desired.shape, f"{what}: shape {actual.shape} != {desired.shape}"
+    assert actual.dtype == desired.dtype, f"{what}: dtype {actual.dtype} != {desired.dtype}"
+    scale = float(np.max(np.abs(desired))) if desired.size else 0.0
+    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale, err_msg=what)
 
 
 def rel_diff(a, b) -> float:

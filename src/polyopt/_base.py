@@ -448,6 +448,11 @@ class Optimizer:
                         col[j - a] = _back(
                             xp, ss[name][pos], s_in[name][pos], state.slots[name][j], views[pos]
                         )
+            for gi, col in enumerate(columns):
+                if col is None:  # a group where no array had a gradient: as it was
+                    a, m = starts[gi], sizes[gi]
+                    names = self.rule.slots(hps[gi])
+                    columns[gi] = (m, {n: state.slots[n][a : a + m] for n in names})
             if inplace:
                 for dst, src in zip(leaves, new_leaves):
                     if dst is not src:  # a fast path may have written in place already

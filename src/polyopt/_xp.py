@@ -217,6 +217,8 @@ def as_real(xp: Any, x: Any) -> Any:
         return torch.view_as_real(x)
     if is_numpy(xp) or _compat.is_cupy_namespace(xp):
         mod = np if is_numpy(xp) else _cupy()
+        if not isinstance(x, mod.ndarray):  # a NumPy scalar: no memory to view
+            x = mod.asarray(x)
         re = x.real  # a view with x's strides
         half = x.dtype.itemsize // 2
         return mod.lib.stride_tricks.as_strided(

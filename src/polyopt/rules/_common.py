@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import _validate
+from .. import _validate, _xp
 from .._base import Optimizer, Rule
 
 
@@ -18,11 +18,14 @@ def on(x: Any) -> bool:
 
 
 def fill_like(p: Any, value: Any, xp: Any) -> Any:
-    """An array like ``p`` holding ``value`` everywhere (a number or a 0-d array); for a
-    complex ``p``, ``value + 0j`` (torch's ``full_like`` on a complex tensor)."""
+    """An array like ``p`` holding ``value`` everywhere (a number or a 0-d array). A
+    complex array is a pair of reals, so both parts hold it: ``value + value·1j``, as
+    torch fills Adagrad's accumulator of a complex param."""
+    cx = _xp.float_kind(xp, p.dtype) == "complex"
     if type(value) is float or type(value) is int:
-        return xp.full_like(p, value)
-    return xp.zeros_like(p) + xp.astype(value, p.dtype)
+        return xp.full_like(p, complex(value, value) if cx else value)
+    v = xp.astype(value, p.dtype)
+    return xp.zeros_like(p) + (v + v * 1j if cx else v)
 
 
 def decay(p: Any, g: Any, hp: dict, decoupled: bool = False) -> tuple[Any, Any]:

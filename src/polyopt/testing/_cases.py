@@ -30,12 +30,36 @@ class Sched:
 @dataclass(frozen=True)
 class Case:
     """One optimizer configuration. ``groups``: per-group overrides; when given, the
-    problem's arrays are split into ``len(groups)`` torch-style parameter groups."""
+    problem's arrays are split into ``len(groups)`` torch-style parameter groups.
+    ``missing``: ``(step, array)`` pairs (0-based) whose gradient is ``None``: that
+    array skips that step; ``(step, ALL)`` makes every gradient of the step None.
+    ``dtypes``: the dtypes the case runs in (None: all)."""
 
     id: str
     name: str
     hyperparams: dict = field(default_factory=dict)
     groups: tuple = ()
+    missing: tuple = ()
+    dtypes: tuple | None = None
+
+    def grads_at(self, step: int, grads: list) -> list:
+        """``grads`` (one step's list) with the case's missing gradients set to None."""
+        gone = {i for k, i in self.missing if k == step}
+        if ALL in gone:
+            return [None] * len(grads)
+        return [None if i in gone else g for i, g in enumerate(grads)]
+
+
+#: In ``Case.missing``: every array of the step.
+ALL = -1
+
+#: Missing gradients are about which arrays move, not rounding: the full-width dtypes.
+_MISSING_DTYPES = ("float64", "float32", "complex128", "complex64")
+
+#: A pattern of missing gradients over the matrix's steps (arrays: 0-d, empty, (7,),
+#: (3, 4)): array 2 starts late and skips again, array 0 skips now and then, step 3 has
+#: none at all. Few distinct patterns: under jax.jit each one is a compilation.
+MISSING = ((0, 2), (1, 2), (2, 0), (3, ALL), (5, 2), (6, 0), (8, 2), (9, 0))
 
 
 def S(kind: str, **args: Any) -> Sched:
@@ -193,6 +217,60 @@ CASES += [
     ),
 ]
 
+CASES += [
+    # -- missing gradients: each array counts its own updates (torch's per-param step) --
+    Case(
+        "sgd-dampening-missing",
+        "sgd",
+        dict(lr=0.05, momentum=0.9, dampening=0.3),
+        missing=MISSING,
+        dtypes=_MISSING_DTYPES,
+    ),
+    Case(
+        "adagrad-lr_decay-missing",
+        "adagrad",
+        dict(lr=0.1, lr_decay=0.01),
+        missing=MISSING,
+        dtypes=_MISSING_DTYPES,
+    ),
+    Case(
+        "rmsprop-centered-missing",
+        "rmsprop",
+        dict(lr=0.005, centered=True, momentum=0.5),
+        missing=MISSING,
+        dtypes=_MISSING_DTYPES,
+    ),
+    Case(
+        "adadelta-missing",
+        "adadelta",
+        dict(weight_decay=0.1),
+        missing=MISSING,
+        dtypes=_MISSING_DTYPES,
+    ),
+    Case(
+        "adam-amsgrad-missing",
+        "adam",
+        dict(lr=0.01, amsgrad=True),
+        missing=MISSING,
+        dtypes=_MISSING_DTYPES,
+    ),
+    Case(
+        "adamw-cosine-missing",
+        "adamw",
+        dict(lr=S("cosine", lr=0.01, T_max=20), weight_decay=0.1),
+        missing=MISSING,
+        dtypes=_MISSING_DTYPES,
+    ),
+    Case(
+        "adamw-groups-missing",
+        "adamw",
+        dict(lr=0.01, weight_decay=0.1),
+        groups=(dict(), dict(weight_decay=0.0)),
+        missing=MISSING,
+        dtypes=_MISSING_DTYPES,
+    ),
+]
+
 CASE_IDS = [c.id for c in CASES]
 
 
@@ -225,13 +303,23 @@ def polyopt_hyperparams(case: Case) -> dict:
 SHAPES: tuple[tuple[int, ...], ...] = ((), (0,), (7,), (3, 4))
 
 
-def make_problem(steps: int, seed: int = 20240607, shapes=SHAPES) -> tuple[list, list]:
+def make_problem(
+    steps: int, seed: int = 20240607, shapes=SHAPES, complex: bool = False
+) -> tuple[list, list]:
     """``(params, grads)``: float64 arrays of ``shapes`` and ``steps`` lists of gradients.
 
     Gradients vary in scale from step to step (0.1 to ~3) and the (7,)-array gets exact
     zero entries on some steps, so zero gradients and changing magnitudes are exercised.
     All are ``np.ndarray`` (0-d arrays included), from a fixed-seed Generator.
+    ``complex=True``: complex128 arrays, real and imaginary parts drawn independently
+    (the real parts are the float64 problem's).
     """
+    if complex:
+        re_p, re_g = make_problem(steps, seed, shapes)
+        im_p, im_g = make_problem(steps, seed + 1, shapes)
+        params = [np.asarray(a + 1j * b) for a, b in zip(re_p, im_p)]
+        grads = [[np.asarray(a + 1j * b) for a, b in zip(ra, ia)] for ra, ia in zip(re_g, im_g)]
+        return params, grads
     rng = np.random.default_rng(seed)
     params = [np.asarray(rng.standard_normal(s), dtype=np.float64) for s in shapes]
     grads = []

@@ -25,9 +25,24 @@ from ._cases import CASES, Case, make_problem, polyopt_hyperparams
 #: Largest allowed error per dtype: max |actual - reference| / max |reference|, taken per
 #: array and per state entry after every step. Half precision stores params and state
 #: with 8 (bfloat16) or 11 (float16) significant bits, so rounding accumulates per step.
-TOLERANCES = {"float64": 1e-10, "float32": 1e-4, "float16": 4e-2, "bfloat16": 6e-2}
+#: Complex dtypes are pairs of reals (torch.optim's view_as_real): their parts' tolerances.
+TOLERANCES = {
+    "float64": 1e-10,
+    "float32": 1e-4,
+    "float16": 4e-2,
+    "bfloat16": 6e-2,
+    "complex128": 1e-10,
+    "complex64": 1e-4,
+}
 #: Steps per cell: enough for bias corrections, momentum and schedules to matter.
-STEPS = {"float64": 12, "float32": 12, "float16": 6, "bfloat16": 6}
+STEPS = {
+    "float64": 12,
+    "float32": 12,
+    "float16": 6,
+    "bfloat16": 6,
+    "complex128": 12,
+    "complex64": 12,
+}
 DTYPES = tuple(TOLERANCES)
 IMPLS = ("generic", "fused")
 
@@ -36,19 +51,22 @@ IMPLS = ("generic", "fused")
 
 
 def to_numpy(x: Any) -> np.ndarray:
-    """Any supported array as a float64 NumPy array (copied off the device if needed)."""
+    """Any supported array as a float64 (complex128 if complex) NumPy array, copied off
+    the device if needed."""
     mod = type(x).__module__.split(".")[0]
     if mod == "torch":
         import torch
 
-        return x.detach().to("cpu", torch.float64).numpy()
+        wide = torch.complex128 if x.is_complex() else torch.float64
+        return x.detach().to("cpu", wide).numpy()
     if mod == "cupy":
-        return x.get().astype(np.float64)
-    if mod == "dask":
-        return np.asarray(x.compute(), dtype=np.float64)
-    if mod == "array_api_strict":
-        return np.from_dlpack(x).astype(np.float64)
-    return np.asarray(x, dtype=np.float64)
+        x = x.get()
+    elif mod == "dask":
+        x = x.compute()
+    elif mod == "array_api_strict":
+        x = np.from_dlpack(x)
+    x = np.asarray(x)
+    return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
 
 
 def max_error(actual: Any, desired: Any) -> float:
@@ -67,6 +85,8 @@ def max_error(actual: Any, desired: Any) -> float:
 
 def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     """``x`` rounded to ``dtype`` and back to float64 (bfloat16: round to nearest even)."""
+    if dtype.startswith("complex"):
+        return np.asarray(x, dtype=dtype).astype(np.complex128)
     if dtype == "bfloat16":
         u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
         u = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
@@ -123,11 +143,11 @@ class Backend:
     def dtype_missing(self, dtype: str) -> str | None:
         if dtype not in self.dtypes:
             return f"{self.name} has no {dtype}"
-        if self.name == "jax" and dtype == "float64":
+        if self.name == "jax" and dtype in ("float64", "complex128"):
             import jax
 
             if not jax.config.jax_enable_x64:
-                return "JAX x64 is off: float64 would run as float32 (set JAX_ENABLE_X64=1)"
+                return f"JAX x64 is off: {dtype} would run at half width (set JAX_ENABLE_X64=1)"
         return None
 
     def array(self, x: np.ndarray, dtype: str, strided: bool) -> Any:
@@ -170,16 +190,17 @@ def _strided(mod: Any, a: Any) -> Any:
     return view
 
 
+_NUMPY_DTYPES = ("float64", "float32", "float16", "complex128", "complex64")
+_STRICT_DTYPES = ("float64", "float32", "complex128", "complex64")
+
 BACKENDS: tuple[Backend, ...] = (
-    Backend("numpy", "numpy", "cpu", ("float64", "float32", "float16"), "stateful", True),
+    Backend("numpy", "numpy", "cpu", _NUMPY_DTYPES, "stateful", True),
     Backend("torch", "torch", "cpu", DTYPES, "stateful", True),
     Backend("torch", "torch", "cuda", DTYPES, "stateful", True),
     Backend("jax", "jax", "cpu", DTYPES, "jit", False),
-    Backend("cupy", "cupy", "cuda", ("float64", "float32", "float16"), "stateful", True),
-    Backend(
-        "array_api_strict", "array_api_strict", "cpu", ("float64", "float32"), "stateful", False
-    ),
-    Backend("dask", "dask", "cpu", ("float64", "float32"), "functional", False),
+    Backend("cupy", "cupy", "cuda", _NUMPY_DTYPES, "stateful", True),
+    Backend("array_api_strict", "array_api_strict", "cpu", _STRICT_DTYPES, "stateful", False),
+    Backend("dask", "dask", "cpu", _STRICT_DTYPES, "functional", False),
 )
 
 
@@ -222,6 +243,7 @@ def cells(
         for c in (CASES if cases is None else cases)
         for b in chosen
         for d in (DTYPES if dtypes is None else dtypes)
+        if c.dtypes is None or d in c.dtypes
         for i in impls
     ]
 
@@ -251,16 +273,17 @@ def _grad_tree(case: Case, grads: list) -> Any:
 
 @functools.cache
 def _problem(dtype: str) -> tuple[list, list]:
-    p0, gs = make_problem(max(STEPS.values()))
+    p0, gs = make_problem(max(STEPS.values()), complex=dtype.startswith("complex"))
     return [round_to(p, dtype) for p in p0], [[round_to(g, dtype) for g in step] for step in gs]
 
 
 _REFERENCES: dict[tuple[str, str], list] = {}
 
 
-def reference(case: Case, dtype: str) -> list[tuple[list, dict]]:
-    """The NumPy float64 trajectory for ``case`` from inputs rounded to ``dtype``:
-    ``[(params, slots)]`` after each step (slots as in ``OptState.slots``). Cached."""
+def reference(case: Case, dtype: str) -> list[tuple[list, dict, Any]]:
+    """The NumPy float64 (complex128) trajectory for ``case`` from inputs rounded to
+    ``dtype``: ``[(params, slots, counts)]`` after each step (slots and counts as in
+    ``OptState``). Cached."""
     key = (case.id, dtype)
     if key not in _REFERENCES:
         _REFERENCES[key] = _reference(case, dtype)
@@ -275,8 +298,8 @@ def _reference(case: Case, dtype: str) -> list[tuple[list, dict]]:
     state = opt.init(params)
     out = []
     for k in range(STEPS[dtype]):
-        params, state = opt.update(params, _grad_tree(case, gs[k]), state)
-        out.append((_leaves(case, params), state.slots))
+        params, state = opt.update(params, _grad_tree(case, case.grads_at(k, gs[k])), state)
+        out.append((_leaves(case, params), state.slots, state.counts))
     return out
 
 
@@ -334,7 +357,7 @@ def _run(cell: Cell) -> Result:
 
         def step(g):
             opt.step(g)
-            return _leaves(case, opt.params), opt.state.slots
+            return _leaves(case, opt.params), opt.state.slots, opt.state.counts
     else:
         fopt = factory(**hp, impl=cell.impl)
         update = fopt.update
@@ -352,14 +375,19 @@ def _run(cell: Cell) -> Result:
                 import dask
 
                 holder["params"], holder["state"] = dask.persist(holder["params"], holder["state"])
-            return _leaves(case, holder["params"]), holder["state"].slots
+            state = holder["state"]
+            return _leaves(case, holder["params"]), state.slots, state.counts
 
     tol, worst, where = TOLERANCES[dtype], 0.0, ""
     ref = reference(case, dtype)
     for k in range(STEPS[dtype]):
-        grads = _grad_tree(case, [b.array(g, dtype, strided=False) for g in gs[k]])
-        got_p, got_s = step(grads)
-        ref_p, ref_s = ref[k]
+        grads = [b.array(g, dtype, strided=False) for g in gs[k]]
+        got_p, got_s, got_c = step(_grad_tree(case, case.grads_at(k, grads)))
+        ref_p, ref_s, ref_c = ref[k]
+        if (got_c is None) != (ref_c is None) or (
+            ref_c is not None and not np.array_equal(to_numpy(_counts(got_c)), ref_c)
+        ):
+            raise AssertionError(f"state.counts {got_c!r} after step {k + 1}, reference {ref_c!r}")
         checks = [(f"params[{i}]", a, r) for i, (a, r) in enumerate(zip(got_p, ref_p))]
         if set(got_s) != set(ref_s):
             raise AssertionError(f"state holds slots {sorted(got_s)}, reference {sorted(ref_s)}")
@@ -383,6 +411,11 @@ def _run(cell: Cell) -> Result:
     status = "pass" if worst <= tol else "fail"
     reason = "" if status == "pass" else f"error {worst:.3g} > tolerance {tol:g} at {where}"
     return Result(cell, status, worst, where, reason)
+
+
+def _counts(c: Any) -> Any:
+    """Counts as an array (a tuple of ints, or an integer array under jit)."""
+    return np.asarray(c) if isinstance(c, tuple) else c
 
 
 def run(cells_: Iterable[Cell], progress: Callable[[Result], None] | None = None) -> list[Result]:
