@@ -791,6 +791,7 @@ def _check_limits(xp: Any, hp: dict, leaves: list, where: str) -> None:
     dtypes = {p.dtype for p in leaves}
     for dt in {_xp.compute_dtype(xp, _xp.real_dtype(xp, d)) for d in dtypes}:
         tiny, huge = _limits(xp, dt)
+        dt = _dtype_name(dt)
         eps = hp.get("eps")
         if type(eps) is float and 0 < eps < tiny:
             raise ValueError(

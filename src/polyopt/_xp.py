@@ -303,6 +303,8 @@ def concrete_value(x: Any) -> float | None:
     """The value of a 0-d array as a float, or None when it has no value here: a traced
     array (``jax.jit``, ``jax.vmap``, ``jax.grad``) or one a tracing compiler fakes."""
     try:
+        if _compat.is_torch_array(x):
+            x = x.detach()  # reading a value is not part of any graph
         return float(x)
     except Exception:  # ConcretizationTypeError, TracerBoolConversionError, ...
         return None
