@@ -455,8 +455,13 @@ def test_state_not_an_optstate(name):
 @pytest.mark.parametrize(
     ("init_amsgrad", "update_amsgrad", "rx"),
     [
-        ((True, False), (True, True), r"params leaf 1 lacks 'max_exp_avg_sq'"),
-        ((True, False), (False, True), r"params leaf 0 holds 'max_exp_avg_sq'"),
+        (
+            (True, False),
+            (True, True),
+            r"state.slots\['max_exp_avg_sq'\]\[1\] is None, but the hyperparameters of "
+            r"params\[1\]\['params'\]\[0\]",
+        ),
+        ((True, False), (False, True), r"state.slots\['max_exp_avg_sq'\]\[0\] is an array, but"),
     ],
 )
 def test_state_made_with_other_options_in_one_group(init_amsgrad, update_amsgrad, rx):
@@ -854,3 +859,203 @@ def test_infinite_lr(name, form):
         construct(name, form, [_ones(3)], lr=-math.inf)
     with pytest.raises(ValueError, match=r"\blr\b.*inf"):
         construct(name, form, [_ones(3)], lr=math.inf)
+
+
+# -- schedules that misbehave ---------------------------------------------------------------
+
+BAD_SCHEDULE_VALUES = {
+    "inf": (math.inf, ValueError, r"lr schedule gave inf at step 2.*finite and >= 0"),
+    "nan": (NAN, ValueError, r"lr schedule gave nan at step 2"),
+    "negative": (-0.5, ValueError, r"lr schedule gave -0\.5 at step 2"),
+    "str": ("0.1", TypeError, r"lr schedule gave '0\.1' at step 2.*real number"),
+    "None": (None, TypeError, r"lr schedule gave None at step 2"),
+    "list": ([0.1], TypeError, r"lr schedule gave \[0\.1\] at step 2"),
+}
+
+
+def _bad_at_two(value):
+    return lambda k: value if k == 2 else 0.01
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax-eager"])
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad", list(BAD_SCHEDULE_VALUES))
+def test_a_schedule_that_gives_a_bad_value(name, backend, bad):
+    value, exc, rx = BAD_SCHEDULE_VALUES[bad]
+    factory, cls = polyopt.OPTIMIZERS[name]
+    if backend == "jax-eager":  # the functional form: the step count is a JAX array
+        jnp = pytest.importorskip("jax").numpy
+        if bad in ("str", "None", "list"):
+            rx = rx.replace("real number", "real number or a 0-d array")
+
+        def sched(k):
+            return value if int(k) == 2 else 0.01
+
+        opt = factory(lr=sched)
+        params = [jnp.ones(3)]
+        state = opt.init(params)
+        for _ in range(2):
+            params, state = opt.update(params, [jnp.ones(3)], state)
+        with pytest.raises(exc, match=rx):
+            opt.update(params, [jnp.ones(3)], state)
+        return
+    lib = torch if backend == "torch" else np
+    params = [lib.ones(3, dtype=lib.float64)]
+    opt = cls(params, lr=_bad_at_two(value))
+    for _ in range(2):
+        opt.step([lib.ones(3, dtype=lib.float64)])
+    before = to_np(params[0])
+    with pytest.raises(exc, match=rx):
+        opt.step([lib.ones(3, dtype=lib.float64)])
+    assert np.array_equal(to_np(params[0]), before) and opt.step_count == 2
+
+
+def test_a_schedule_that_gives_nan_under_jit_gives_nan():
+    # under jax.jit the value is traced: nothing can be checked (as in optax); documented
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    opt = polyopt.sgd(lr=lambda k: jnp.where(k == 1, jnp.nan, 0.1))
+    params = [jnp.ones(2)]
+    state = opt.init(params)
+    step = jax.jit(opt.update)
+    params, state = step(params, [jnp.ones(2)], state)
+    params, state = step(params, [jnp.ones(2)], state)
+    assert bool(jnp.isnan(params[0]).all())
+
+
+# -- OptState.step and counts -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("step", "exc", "rx"),
+    [
+        (-1, ValueError, r"state\.step must be an int >= 0, got -1"),
+        (True, TypeError, r"state\.step must be an int >= 0, got True"),
+        (1.5, TypeError, r"state\.step must be an int >= 0.*1\.5"),
+        (None, TypeError, r"state\.step must be an int >= 0, got None"),
+        ("3", TypeError, r"state\.step must be an int >= 0.*'3'"),
+        (np.asarray(-2), ValueError, r"state\.step must be >= 0, got -2"),
+        (np.asarray(1.0), TypeError, r"state\.step must be an int"),
+    ],
+    ids=["negative", "bool", "float", "None", "str", "negative-array", "float-array"],
+)
+@pytest.mark.parametrize("name", NAMES)
+def test_functional_step_count_is_validated(name, step, exc, rx):
+    opt = polyopt.OPTIMIZERS[name][0]()
+    state = opt.init([_ones(3)])
+    with pytest.raises(exc, match=rx):
+        opt.update([_ones(3)], [_ones(3)], state._replace(step=step))
+
+
+@pytest.mark.parametrize(
+    ("counts", "exc", "rx"),
+    [
+        ((1,), ValueError, r"state\.counts holds 1 counts but params has 2"),
+        ((1, 9), ValueError, r"state\.counts\[1\] must be an int in \[0, state\.step\], got 9"),
+        ((1, -1), ValueError, r"state\.counts\[1\].*-1"),
+        ((1, 1.0), ValueError, r"state\.counts\[1\].*1\.0"),
+        ("11", TypeError, r"state\.counts must be None, a tuple of 2 ints"),
+    ],
+    ids=["short", "above-step", "negative", "float", "str"],
+)
+def test_functional_counts_are_validated(counts, exc, rx):
+    opt = polyopt.adam()
+    params = [_ones(3), _ones(2)]
+    state = opt.init(params)
+    params, state = opt.update(params, [_ones(3), _ones(2)], state)
+    with pytest.raises(exc, match=rx):
+        opt.update(params, [_ones(3), _ones(2)], state._replace(counts=counts))
+
+
+# -- sparse gradients -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["explicit", "dot-grad"])
+@pytest.mark.parametrize("name", NAMES)
+def test_sparse_torch_grads_are_a_clear_error(name, how):
+    w = torch.nn.Parameter(torch.ones(4, 2, dtype=torch.float64))
+    sparse = torch.sparse_coo_tensor([[0, 2]], torch.ones(2, 2, dtype=torch.float64), (4, 2))
+    opt = polyopt.OPTIMIZERS[name][1]([w], lr=0.1)
+    with pytest.raises(TypeError, match=r"params\[0\]|grads\[0\] is a sparse tensor.*sparse_coo"):
+        if how == "explicit":
+            opt.step([sparse])
+        else:
+            w.grad = sparse
+            opt.step()
+    assert torch.equal(w.detach(), torch.ones(4, 2, dtype=torch.float64))
+    # and the way out the message gives works
+    opt.step([sparse.to_dense()])
+
+
+def test_an_embedding_with_sparse_grads():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt = polyopt.SGD(emb.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"grads\[0\] is a sparse tensor.*to_dense\(\)"):
+        opt.step()
+
+
+# -- NumPy bfloat16 (ml_dtypes) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["auto", "generic"])
+@pytest.mark.parametrize("name", NAMES)
+def test_numpy_bfloat16_params_compute_in_float32_like_torch_bfloat16(name, impl):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(6).astype(np.float32)
+    gs = [rng.standard_normal(6).astype(np.float32) for _ in range(5)]
+    mine = p0.astype(bf16)
+    ref = torch.tensor(p0).to(torch.bfloat16)
+    opt = polyopt.OPTIMIZERS[name][1]([mine], **CFG[name], impl=impl)
+    theirs = polyopt.OPTIMIZERS[name][1]([ref], **CFG[name], impl="generic")
+    for g in gs:
+        opt.step([g.astype(bf16)])
+        theirs.step([torch.tensor(g).to(torch.bfloat16)])
+    assert mine.dtype == bf16
+    # both compute in float32 and round to bfloat16 (to nearest even): the same bits
+    assert np.array_equal(mine.astype(np.float32), ref.float().numpy())
+
+
+def test_other_ml_dtypes_are_a_clear_error():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    p = np.ones(3, dtype=ml_dtypes.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"params has dtype float8_e4m3fn; optimizers need float"):
+        polyopt.Adam(p)
+
+
+# -- errors name the argument as it was written ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "grads", "rx"),
+    [
+        ([_ones(3), _ones(2)], [_ones(3), _ones(4)], r"^grads\[1\] has shape \(4,\)"),
+        (
+            {"enc": {"w": _ones(3), "b": _ones(2)}},
+            {"enc": {"w": _ones(3), "b": _ones(1)}},
+            r"^grads\['enc'\]\['b'\] has shape \(1,\)",
+        ),
+        (
+            [{"params": [_ones(3)]}, {"params": [_ones(2), _ones(4)]}],
+            [[_ones(3)], [_ones(2), _ones(5)]],
+            r"^grads\[1\]\[1\] has shape \(5,\)",
+        ),
+        (
+            [{"params": [_ones(3)]}, {"params": [_ones(2)]}],
+            [{"params": [_ones(3)]}, {"params": [_ones(1)]}],
+            r"^grads\[1\]\['params'\]\[0\] has shape \(1,\)",
+        ),
+        (
+            [{"params": [_ones(3)]}, {"params": [_ones(2), np.arange(3)]}],
+            [[_ones(3)], [_ones(2), _ones(3)]],
+            r"^params\[1\]\['params'\]\[1\] has dtype int64",
+        ),
+    ],
+    ids=["list", "nested-dict", "groups", "group-dicts", "params-in-group"],
+)
+@pytest.mark.parametrize("form", FORMS)
+def test_errors_name_the_leaf_by_its_path(params, grads, rx, form):
+    with pytest.raises((ValueError, TypeError), match=rx):
+        run_update("adam", form, params, grads)

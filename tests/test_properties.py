@@ -20,16 +20,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from hypothesis import given, settings  # noqa: E402  (in the test extra: CI runs these)
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
 import cases as C  # noqa: E402
 import polyopt  # noqa: E402
 from polyopt import schedules  # noqa: E402
-
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-    from hypothesis.extra import numpy as hnp
-except ImportError:  # pragma: no cover - hypothesis is in the test extras
-    given = None
 
 
 def _bits(arrays):
@@ -78,42 +75,44 @@ def test_lr_zero_schedule_changes_nothing():
         assert _bits(params) == _bits(p0), name
 
 
-if given is not None:
-    _finite = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False)
+_finite = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False)
 
-    @st.composite
-    def _problems(draw):
-        shape = draw(hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=4))
-        p = draw(hnp.arrays(np.float64, shape, elements=_finite))
-        # p - (+0.0) and p - (-0.0) are both p except for p = -0.0, whose sign IEEE
-        # addition may flip; signed zeros are not what this property is about
-        p = np.where(p == 0, 0.0, p)
-        gs = [
-            draw(hnp.arrays(np.float64, shape, elements=_finite))
-            for _ in range(draw(st.integers(1, 4)))
-        ]
-        return p, gs
 
-    @settings(max_examples=60, deadline=None)
-    @given(case=st.sampled_from(C.CASES), problem=_problems())
-    def test_lr_zero_changes_nothing_hypothesis(case, problem):
-        p, gs = problem
-        hp = {**C.polyopt_hyperparams(case), "lr": 0.0}
-        params, _ = _run(polyopt.OPTIMIZERS[case.name][0], hp, [p], [[g] for g in gs])
-        assert _bits(params) == _bits([p])
+@st.composite
+def _problems(draw):
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=4))
+    p = draw(hnp.arrays(np.float64, shape, elements=_finite))
+    # p - (+0.0) and p - (-0.0) are both p except for p = -0.0, whose sign IEEE
+    # addition may flip; signed zeros are not what this property is about
+    p = np.where(p == 0, 0.0, p)
+    gs = [
+        draw(hnp.arrays(np.float64, shape, elements=_finite))
+        for _ in range(draw(st.integers(1, 4)))
+    ]
+    return p, gs
 
-    @settings(max_examples=60, deadline=None)
-    @given(case=st.sampled_from(C.CASES), problem=_problems())
-    def test_maximize_is_minimizing_the_negated_gradient_hypothesis(case, problem):
-        p, gs = problem
-        hp = C.polyopt_hyperparams(case)
-        factory = polyopt.OPTIMIZERS[case.name][0]
-        up, us = _run(factory, {**hp, "maximize": True}, [p], [[g] for g in gs])
-        down, ds = _run(factory, {**hp, "maximize": False}, [p], [[-g] for g in gs])
-        assert _bits(up) == _bits(down)
-        assert list(us.slots) == list(ds.slots)
-        for name, arrays in us.slots.items():
-            assert _bits(arrays) == _bits(ds.slots[name]), name
+
+@settings(max_examples=60, deadline=None)
+@given(case=st.sampled_from(C.CASES), problem=_problems())
+def test_lr_zero_changes_nothing_hypothesis(case, problem):
+    p, gs = problem
+    hp = {**C.polyopt_hyperparams(case), "lr": 0.0}
+    params, _ = _run(polyopt.OPTIMIZERS[case.name][0], hp, [p], [[g] for g in gs])
+    assert _bits(params) == _bits([p])
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=st.sampled_from(C.CASES), problem=_problems())
+def test_maximize_is_minimizing_the_negated_gradient_hypothesis(case, problem):
+    p, gs = problem
+    hp = C.polyopt_hyperparams(case)
+    factory = polyopt.OPTIMIZERS[case.name][0]
+    up, us = _run(factory, {**hp, "maximize": True}, [p], [[g] for g in gs])
+    down, ds = _run(factory, {**hp, "maximize": False}, [p], [[-g] for g in gs])
+    assert _bits(up) == _bits(down)
+    assert list(us.slots) == list(ds.slots)
+    for name, arrays in us.slots.items():
+        assert _bits(arrays) == _bits(ds.slots[name]), name
 
 
 # -- maximize ----------------------------------------------------------------------------

@@ -376,7 +376,7 @@ class Optimizer:
             gidx = range(len(leaves)) if everything else [i for i, x in enumerate(present) if x]
             self._check_grads(xp, leaves, given, gidx, gpath)
         if not inplace:  # the stateful form made its state itself (init / load_state_dict)
-            self._check_state(state, groups, flat)
+            self._check_state(state, groups, flat, ppath)
         k = state.step
         # every schedule evaluated (and checked) before any array is touched
         hps = [self._at_step(hp, k, _group_label(gi, grouped)) for gi, hp in enumerate(groups)]
@@ -586,7 +586,7 @@ class Optimizer:
                 lambda i: "the params" if i == 0 else path(idx[i - 1]),
             )
 
-    def _check_state(self, state: Any, groups: list, flat_params: list) -> None:
+    def _check_state(self, state: Any, groups: list, flat_params: list, path: Callable) -> None:
         if not isinstance(state, OptState):
             raise TypeError(f"state must be the OptState from init(), got {type(state).__name__}")
         n = sum(len(lv) for lv, _ in flat_params)
@@ -625,16 +625,16 @@ class Optimizer:
                     a = columns[name][i]
                     if (a is None) == (name in names):
                         raise ValueError(
-                            f"state for params leaf {i} "
-                            + ("lacks" if a is None else "holds")
-                            + f" {name!r}, its group's hyperparameters need {sorted(names)} "
-                            "(was amsgrad/momentum/centered changed after init?)"
+                            f"state.slots[{name!r}][{i}] is "
+                            + ("None" if a is None else "an array")
+                            + f", but the hyperparameters of {path(i)}'s group need "
+                            f"{sorted(names)} (was amsgrad/momentum/centered changed after init?)"
                         )
                     if a is not None and (a[0] != tuple(p.shape) or a[1] != p.dtype):
                         raise ValueError(
-                            f"state for params leaf {i} has {name!r} of shape {a[0]} "
-                            f"and dtype {a[1]}, expected {tuple(p.shape)} and {p.dtype}; "
-                            "was it made by init() on these params?"
+                            f"state.slots[{name!r}][{i}] has shape {a[0]} and dtype {a[1]}, "
+                            f"but {path(i)} has shape {tuple(p.shape)} and dtype {p.dtype}; "
+                            "was the state made by init() on these params?"
                         )
                 i += 1
 

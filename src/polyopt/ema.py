@@ -55,8 +55,9 @@ class ema:
         xp = _xp.namespace(leaves + avg_leaves, "params and averaged params")
         for i, (p, a) in enumerate(zip(leaves, avg_leaves)):
             if tuple(p.shape) != tuple(a.shape) or p.dtype != a.dtype:
+                where = structure.paths("params")[i]
                 raise ValueError(
-                    f"params leaf {i} has shape {tuple(p.shape)} and dtype {p.dtype}, "
+                    f"{where} has shape {tuple(p.shape)} and dtype {p.dtype}, "
                     f"expected {tuple(a.shape)} and {a.dtype} as when the EMA began"
                 )
         d = self.decay
