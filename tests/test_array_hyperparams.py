@@ -193,7 +193,7 @@ def _jax_problem(jnp):
     params = {"w": jnp.asarray([1.0, -2.0, 0.5]), "b": jnp.asarray([0.3, 0.1])}
     grads = [
         {"w": jnp.asarray([0.5, 0.1, -1.0]) * (k + 1), "b": jnp.asarray([-0.25, 2.0])}
-        for k in range(4)
+        for k in range(3)
     ]
     return params, grads
 
@@ -268,7 +268,7 @@ def test_grad_with_respect_to_lr_sgd_closed_form(jax):
     assert float(jax.grad(loss)(lr)) == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ["sgd", "rmsprop", "adadelta", "adam"])
 def test_grad_with_respect_to_lr_matches_finite_differences(jax, name):
     jnp = jax.numpy
     params, grads = _jax_problem(jnp)

@@ -31,7 +31,7 @@ import torch_maxdiff as T  # noqa: E402
 
 torch = pytest.importorskip("torch")
 
-STEPS = 40
+STEPS = 20
 TORCH_CASES = [c for c in C.CASES if T.torch_supports(c) and not c.missing]
 
 

@@ -33,6 +33,10 @@ def test_cell(cell):
 def test_matrix_covers_every_optimizer_and_the_shapes_that_break_things():
     assert {c.name for c in testing.CASES} == set(polyopt.OPTIMIZERS)
     assert any(c.groups for c in testing.CASES)
+    # missing gradients for every optimizer, and with groups; complex dtypes
+    assert {c.name for c in testing.CASES if c.missing} == set(polyopt.OPTIMIZERS)
+    assert any(c.missing and c.groups for c in testing.CASES)
+    assert {"complex64", "complex128"} <= set(testing.DTYPES)
     shapes = [p.shape for p in testing.make_problem(1)[0]]
     assert () in shapes and any(0 in s for s in shapes) and any(len(s) == 2 for s in shapes)
 
@@ -49,7 +53,7 @@ def test_a_wrong_result_fails_its_cell(monkeypatch):
     numpy = next(b for b in testing.BACKENDS if b.name == "numpy")
     cell = testing.Cell(case, numpy, "float64", "generic")
     good = testing.reference(case, "float64")
-    bad = [([p * (1 + 1e-6) for p in params], slots) for params, slots in good]
+    bad = [([p * (1 + 1e-6) for p in params], slots, counts) for params, slots, counts in good]
     monkeypatch.setitem(testing._matrix._REFERENCES, (case.id, "float64"), bad)
     result = testing.run_cell(cell)
     assert result.status == "fail" and "params" in result.where

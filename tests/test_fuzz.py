@@ -156,7 +156,7 @@ def _LATER_GROUP_FAILS(backend):  # noqa: N802 - a constant per backend
 
 
 @settings(
-    max_examples=200,
+    max_examples=120,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

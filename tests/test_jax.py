@@ -329,7 +329,12 @@ X64_SCRIPT = textwrap.dedent(
     # promote float32 params): the cases with schedules or groups, and the defaults.
     f32 = [c for c in testing.CASES if c.groups or c.id.endswith("-default")
            or any(isinstance(v, testing.Sched) for v in c.hyperparams.values())]
+    # complex128: the defaults and the missing-gradient cases (complex64 runs every case
+    # in the main process)
+    c128 = [c for c in testing.CASES if c.missing or c.id.endswith("-default")]
     res = testing.run(testing.cells(["jax"], dtypes=["float64"], impls=["generic"])
+                      + testing.cells(["jax"], dtypes=["complex128"], impls=["generic"],
+                                      cases=c128)
                       + testing.cells(["jax"], dtypes=["float32"], impls=["generic"], cases=f32))
     out["cells"] = [[r.cell.id, r.status, r.error, r.reason] for r in res]
 
@@ -383,10 +388,11 @@ def test_x64_subprocess(tmp_path):
     cells = out["cells"]
     f64 = [c for c in cells if "-float64-" in c[0]]
     f32 = [c for c in cells if "-float32-" in c[0]]
-    assert len(f64) == len(testing.CASES) and len(f32) >= 20
+    c128 = [c for c in cells if "-complex128-" in c[0]]
+    assert len(f64) == len(testing.CASES) and len(c128) >= 12 and len(f32) >= 20
     bad = [c for c in cells if c[1] != "pass"]
     assert not bad, bad
-    assert max(c[2] for c in f64) <= testing.TOLERANCES["float64"]
+    assert max(c[2] for c in f64 + c128) <= testing.TOLERANCES["float64"]
     # the functional form under jit with float64 params: int step, float64 results
     assert out["init_step_dtype"] in ("int32", "int64")
     assert out["step_dtype"] in ("int32", "int64") and out["step"] == 10

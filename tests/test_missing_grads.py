@@ -33,7 +33,7 @@ import torch_maxdiff as T  # noqa: E402
 
 torch = pytest.importorskip("torch")
 
-STEPS = 30
+STEPS = 20
 RTOL = 1e-9
 TORCH_CASES = [c for c in C.CASES if T.torch_supports(c)]
 

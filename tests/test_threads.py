@@ -11,7 +11,7 @@ import pytest
 
 import polyopt
 
-STEPS = 60
+STEPS = 25
 
 
 def _run_threads(n, target):

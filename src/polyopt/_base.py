@@ -239,6 +239,7 @@ class Optimizer:
                 f"known: {sorted(rule.defaults)}"
             )
         self.hyperparams = self._check({**rule.defaults, **hyperparams}, "")
+        self._checked: dict = {}  # group overrides already checked -> their hyperparameters
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())
@@ -272,15 +273,25 @@ class Optimizer:
     def _resolve(self, rest: list[dict], grouped: bool) -> list[dict]:
         """Each group's hyperparameters (defaults merged with its overrides), checked.
         Keys that are not hyperparameters (``initial_lr``, ``param_names``...) are
-        ignored, as torch ignores them."""
+        ignored, as torch ignores them. Overrides seen before (the same values: a live
+        param group from one step to the next) are not checked again."""
         known = self.rule.defaults
-        return [
-            self._check(
-                {**self.hyperparams, **{k: v for k, v in o.items() if k in known}},
-                _group_label(i, grouped),
-            )
-            for i, o in enumerate(rest)
-        ]
+        out = []
+        for i, o in enumerate(rest):
+            mine = {k: v for k, v in o.items() if k in known}
+            if not mine:
+                out.append(self.hyperparams)  # checked at construction
+                continue
+            key = _cache_key(mine, grouped, i)
+            hp = self._checked.get(key) if key is not None else None
+            if hp is None:
+                hp = self._check({**self.hyperparams, **mine}, _group_label(i, grouped))
+                if key is not None:
+                    if len(self._checked) >= 64:
+                        self._checked.clear()
+                    self._checked[key] = hp
+            out.append(hp)
+        return out
 
     @staticmethod
     def _check_arrays(leaves: list, what: str, path: Callable[[int], str]) -> Any:
@@ -570,7 +581,7 @@ class Optimizer:
                     f"{path(i)} has shape {tuple(g.shape)} and dtype {g.dtype}, "
                     f"expected shape {tuple(p.shape)} and dtype {p.dtype} as in params"
                 )
-        if _xp.is_torch(xp):
+        if _xp.is_torch(xp) and _xp.any_sparse(grads):
             for g, i in zip(grads, idx):
                 layout = _xp.sparse_layout(g)
                 if layout is not None:
@@ -662,6 +673,25 @@ class Optimizer:
 
 
 _at_step = Optimizer._at_step
+
+
+def _cache_key(overrides: dict, grouped: bool, i: int) -> tuple | None:
+    """A key for group overrides that are plain values (numbers, flags, tuples of them,
+    schedule objects), or None when some value could change without changing its
+    identity (an array, a list) and must be checked again."""
+    items = []
+    for k, v in overrides.items():
+        t = type(v)
+        if t is tuple:
+            if not all(type(x) in (float, int) for x in v):
+                return None
+        elif t not in (float, int, bool) and not (callable(v) and not _xp.is_array(v)):
+            return None
+        items.append((k, t, v))
+    try:
+        return (grouped, i, *sorted(items, key=lambda kv: kv[0]))
+    except TypeError:
+        return None
 
 
 def _scheduled(name: str, schedule: Callable, k: Any, where: str) -> Any:
@@ -780,31 +810,34 @@ def _back(xp: Any, new: Any, given: Any, original: Any, is_complex: bool) -> Any
 
 
 @functools.lru_cache(maxsize=128)
-def _limits(xp: Any, cdt: Any) -> tuple[float, float]:
+def _limits(xp: Any, cdt: Any) -> tuple[float, float, str]:
     info = xp.finfo(cdt)
-    return float(info.smallest_normal), float(info.max)
+    return float(info.smallest_normal), float(info.max), _dtype_name(cdt)
 
 
 def _check_limits(xp: Any, hp: dict, leaves: list, where: str) -> None:
     """Hyperparameters the compute dtype cannot hold: an eps that flushes to zero would
     silently divide by zero; a value that overflows to inf would give inf or NaN."""
-    dtypes = {p.dtype for p in leaves}
-    for dt in {_xp.compute_dtype(xp, _xp.real_dtype(xp, d)) for d in dtypes}:
-        tiny, huge = _limits(xp, dt)
-        dt = _dtype_name(dt)
-        eps = hp.get("eps")
-        if type(eps) is float and 0 < eps < tiny:
+    eps = hp.get("eps")
+    eps = eps if type(eps) is float and eps > 0 else None
+    big = None  # the largest number among the hyperparameters, and its name
+    for name, v in hp.items():
+        for x in v if type(v) is tuple else (v,):
+            if (type(x) is float or type(x) is int) and (big is None or abs(x) > big[1]):
+                big = (name, abs(x), x)
+    if eps is None and (big is None or big[1] < 3.3e38):  # within every float's range
+        return
+    for dt in {_xp.math_dtype(xp, d) for d in {p.dtype for p in leaves}}:
+        tiny, huge, name = _limits(xp, dt)
+        if eps is not None and eps < tiny:
             raise ValueError(
-                f"eps={eps!r} underflows in {dt} (smallest normal number {tiny:.3g}){where}; "
+                f"eps={eps!r} underflows in {name} (smallest normal number {tiny:.3g}){where}; "
                 "use a larger eps or higher-precision params"
             )
-        for name, v in hp.items():
-            for x in v if type(v) is tuple else (v,):
-                if (type(x) is float or type(x) is int) and not isinstance(x, bool):
-                    if abs(x) > huge:
-                        raise ValueError(
-                            f"{name}={x!r} overflows {dt} (largest finite {huge:.3g}){where}"
-                        )
+        if big is not None and big[1] > huge:
+            raise ValueError(
+                f"{big[0]}={big[2]!r} overflows {name} (largest finite {huge:.3g}){where}"
+            )
 
 
 def _check_usable(xp: Any, leaves: list, path: Callable, writes: bool) -> None:
@@ -828,6 +861,13 @@ def _check_usable(xp: Any, leaves: list, path: Callable, writes: bool) -> None:
 # -- atomic commits -----------------------------------------------------------------------
 
 
+try:  # the C module under `signal`, without its enum conversions (a few µs a step)
+    import _signal as _signals
+except ImportError:  # pragma: no cover - another Python implementation
+    _signals = signal
+_SIGINT = int(signal.SIGINT)
+
+
 @contextlib.contextmanager
 def deferred_interrupt():
     """Hold back Ctrl-C (SIGINT) until the block is done, then deliver it: the block
@@ -836,25 +876,25 @@ def deferred_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = _signals.getsignal(_SIGINT)
     if previous is None:  # a handler installed outside Python: leave it alone
         yield
         return
     pending: list = []
     try:
-        signal.signal(signal.SIGINT, lambda signum, frame: pending.append(frame))
+        _signals.signal(_SIGINT, lambda signum, frame: pending.append(frame))
     except (ValueError, TypeError, OSError):  # no signals here (embedded interpreter...)
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _signals.signal(_SIGINT, previous)
         if pending:
             if callable(previous):
                 previous(signal.SIGINT, pending[0])
             elif previous == signal.SIG_DFL:
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(_SIGINT)
 
 
 # -- the stateful (torch-like) form ---------------------------------------------------

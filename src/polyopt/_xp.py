@@ -8,6 +8,7 @@ passes it down. Backend detection never imports a backend: array-api-compat's
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import array_api_compat as _compat
@@ -178,10 +179,11 @@ def is_python_scalar(x: Any) -> bool:
 # -- dtypes -----------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
 def float_kind(xp: Any, dtype: Any) -> str | None:
-    """ "real" or "complex" for the floating dtypes an optimizer takes, else None.
+    """The kind of floating dtype an optimizer takes: "real" or "complex", else None.
     NumPy arrays of ``ml_dtypes.bfloat16`` (what JAX hands to NumPy) count as real:
-    NumPy itself does not know them (``np.isdtype`` raises)."""
+    NumPy itself does not know them (``np.isdtype`` raises). Cached per dtype."""
     if isinstance(dtype, np.dtype) and dtype.kind == "V" and dtype.name == "bfloat16":
         return "real"
     try:
@@ -192,6 +194,13 @@ def float_kind(xp: Any, dtype: Any) -> str | None:
     except TypeError:  # a dtype the library's isdtype does not know
         return None
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def math_dtype(xp: Any, dtype: Any) -> Any:
+    """The dtype the math of an array of ``dtype`` runs in: the real dtype of a complex
+    one, float32 for half precision (cached per dtype)."""
+    return compute_dtype(xp, real_dtype(xp, dtype))
 
 
 def real_dtype(xp: Any, dtype: Any) -> Any:
@@ -241,7 +250,9 @@ def as_complex(xp: Any, r: Any, dtype: Any) -> Any:
     if is_numpy(xp) or _compat.is_cupy_namespace(xp):
         mod = np if is_numpy(xp) else _cupy()
         out = mod.empty(r.shape[:-1], dtype=dtype)
-        out.real, out.imag = r[..., 0], r[..., 1]
+        re, im = out.real, out.imag  # views into out
+        re[...] = r[..., 0]
+        im[...] = r[..., 1]
         return out
     re, im = xp.astype(r[..., 0], dtype), xp.astype(r[..., 1], dtype)
     return re + im * 1j
@@ -284,6 +295,14 @@ def not_writable(xp: Any, arrays: list) -> tuple[int, str] | None:
                 "updated in place outside inference mode; pass x.clone() made outside it"
             )
     return None
+
+
+def any_sparse(tensors: list) -> bool:
+    """Whether any of these torch tensors is sparse (one pass, no call per tensor)."""
+    import torch
+
+    strided = torch.strided
+    return any(t.layout is not strided for t in tensors)
 
 
 def sparse_layout(x: Any) -> str | None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._cases import CASES, Case, S, Sched, make_problem, polyopt_hyperparams
+from ._cases import ALL, CASES, MISSING, Case, S, Sched, make_problem, polyopt_hyperparams
 from ._matrix import (
     BACKENDS,
     DTYPES,
@@ -45,8 +45,10 @@ from ._matrix import (
 )
 
 __all__ = [
+    "ALL",
     "BACKENDS",
     "CASES",
+    "MISSING",
     "DTYPES",
     "STEPS",
     "TOLERANCES",
