@@ -209,23 +209,26 @@ def test_matrix_half_precision_cells_skip():
 def test_mixing_dask_and_numpy_is_a_clear_error():
     x = np.arange(6.0)
     opt = polyopt.adam(lr=0.1)
-    for params, grads in [(da.from_array(x), x), (x, da.from_array(x))]:
-        with pytest.raises(TypeError, match=r"mix arrays from different libraries: dask .*numpy"):
+    for params, grads, rx in [
+        (da.from_array(x), x, "params are dask arrays, grads are numpy"),
+        (x, da.from_array(x), "params are numpy arrays, grads are dask"),
+    ]:
+        with pytest.raises(TypeError, match=rf"grads must be arrays of the params' library: {rx}"):
             opt.update(params, grads, opt.init(params))
     sopt = polyopt.Adam([da.from_array(x)], lr=0.1)
-    with pytest.raises(TypeError, match="mix arrays from different libraries"):
+    with pytest.raises(TypeError, match="grads must be arrays of the params' library"):
         sopt.step([x])
     assert sopt.step_count == 0
 
 
 def test_bad_inputs_are_clear_errors_and_change_nothing():
     x = da.from_array(np.arange(6.0), chunks=3)
-    with pytest.raises(TypeError, match="leaf 0 has dtype int64; optimizers need floating"):
+    with pytest.raises(TypeError, match="params has dtype int64; optimizers need floating"):
         polyopt.adam().init(da.from_array(np.arange(3)))
     opt = polyopt.Adam([x], lr=0.1)
     opt.step([da.ones(6, chunks=2)])
     before = opt.params[0].compute(), opt.state.slots["exp_avg"][0].compute()
-    with pytest.raises(ValueError, match=r"grads leaf 0 has shape \(3,\).*expected shape \(6,\)"):
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape \(3,\).*expected shape \(6,\)"):
         opt.step([da.ones(3)])
     with pytest.raises(ValueError, match=r"dtype float32.*expected shape \(6,\) and dtype float64"):
         opt.step([da.ones(6, dtype="float32")])
