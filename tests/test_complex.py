@@ -46,31 +46,15 @@ def _problem(missing=False):
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=[c.id for c in TORCH_CASES])
 def test_functional_numpy_complex128_matches_torch(case):
-    def run(p0, grads):
-        opt = polyopt.OPTIMIZERS[case.name][0](**C.polyopt_hyperparams(case))
-        params = [p.copy() for p in p0]
-        state = opt.init(params)
-        for g in grads:
-            params, state = opt.update(params, g, state)
-            assert all(p.dtype == np.complex128 for p in params)
-            yield params, state.per_array(len(params))
-
-    T.assert_matches_torch(case, run, *_problem(), "numpy complex128")
+    # (assert_matches_torch checks every result's dtype: complex128 stays complex128)
+    T.assert_matches_torch(case, T.functional_run(case), *_problem(), "numpy complex128")
 
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=[c.id for c in TORCH_CASES])
 def test_stateful_torch_complex128_matches_torch(case):
-    def run(p0, grads):
-        tensors = [torch.tensor(p) for p in p0]
-        opt = polyopt.OPTIMIZERS[case.name][1](tensors, **C.polyopt_hyperparams(case))
-        for gs in grads:
-            for t, g in zip(tensors, gs, strict=True):
-                t.grad = None if g is None else torch.tensor(g)
-            opt.step()
-            slots = [{n: v.numpy() for n, v in s.items()} for s in opt.state.per_array(4)]
-            yield [t.numpy() for t in tensors], slots
-
-    T.assert_matches_torch(case, run, *_problem(missing=True), "torch complex128")
+    T.assert_matches_torch(
+        case, T.stateful_torch_run(case), *_problem(missing=True), "torch complex128"
+    )
 
 
 def test_complex_is_pairs_of_reals_not_the_complex_square():

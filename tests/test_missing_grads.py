@@ -59,30 +59,12 @@ def compare(case, run, label):
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=[c.id for c in TORCH_CASES])
 def test_functional_numpy_with_missing_grads_matches_torch(case):
-    def run(p0, grads):
-        opt = polyopt.OPTIMIZERS[case.name][0](**C.polyopt_hyperparams(case))
-        params = [p.copy() for p in p0]
-        state = opt.init(params)
-        for g in grads:
-            params, state = opt.update(params, g, state)
-            yield params, state.per_array(len(params))
-
-    compare(case, run, "numpy functional")
+    compare(case, T.functional_run(case), "numpy functional")
 
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=[c.id for c in TORCH_CASES])
 def test_stateful_torch_with_none_dot_grad_matches_torch(case):
-    def run(p0, grads):
-        tensors = [torch.tensor(p) for p in p0]
-        opt = polyopt.OPTIMIZERS[case.name][1](tensors, **C.polyopt_hyperparams(case))
-        for gs in grads:
-            for t, g in zip(tensors, gs, strict=True):
-                t.grad = None if g is None else torch.tensor(g)
-            opt.step()
-            slots = [{n: v.numpy() for n, v in s.items()} for s in opt.state.per_array(4)]
-            yield [t.numpy() for t in tensors], slots
-
-    compare(case, run, "torch stateful")
+    compare(case, T.stateful_torch_run(case), "torch stateful")
 
 
 # -- what is skipped is untouched, on every path ------------------------------------------

@@ -84,33 +84,13 @@ def compare_with_torch(case, steps_iter, label):
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=TORCH_IDS)
 def test_numpy_functional_matches_torch(case):
-    def run(p0, grads):
-        opt = polyopt.OPTIMIZERS[case.name][0](**C.polyopt_hyperparams(case))
-        params = [p.copy() for p in p0]
-        state = opt.init(params)
-        for g in grads:
-            params, state = opt.update(params, g, state)
-            yield params, state.per_array(len(params))
-
-    compare_with_torch(case, run, "numpy")
+    compare_with_torch(case, T.functional_run(case), "numpy")
 
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=TORCH_IDS)
 def test_stateful_on_torch_tensors_matches_torch(case):
     """polyopt's stateful form updating torch float64 tensors in place, grads from .grad."""
-
-    def run(p0, grads):
-        tensors = [torch.tensor(p, dtype=torch.float64) for p in p0]
-        opt = polyopt.OPTIMIZERS[case.name][1](tensors, **C.polyopt_hyperparams(case))
-        for gs in grads:
-            for t, g in zip(tensors, gs, strict=True):
-                t.grad = torch.tensor(g, dtype=torch.float64)
-            opt.step()
-            per_array = opt.state.per_array(len(tensors))
-            slots = [{n: v.numpy() for n, v in s.items()} for s in per_array]
-            yield [t.numpy() for t in tensors], slots
-
-    compare_with_torch(case, run, "torch tensors")
+    compare_with_torch(case, T.stateful_torch_run(case), "torch tensors")
 
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=TORCH_IDS)
@@ -134,14 +114,7 @@ def test_sgdw_has_no_torch_counterpart(case):
     )
 
 
-_TORCH_CLASSES = {
-    "sgd": "SGD",
-    "adagrad": "Adagrad",
-    "rmsprop": "RMSprop",
-    "adadelta": "Adadelta",
-    "adam": "Adam",
-    "adamw": "AdamW",
-}
+_TORCH_CLASSES = T.TORCH_CLASSES
 
 
 @pytest.mark.parametrize("name", sorted(polyopt.OPTIMIZERS))

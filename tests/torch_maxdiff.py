@@ -39,6 +39,54 @@ SLOT_TO_TORCH = {
 }
 
 
+#: polyopt optimizer name -> the torch.optim class of the same name.
+TORCH_CLASSES = {
+    "sgd": "SGD",
+    "adagrad": "Adagrad",
+    "rmsprop": "RMSprop",
+    "adadelta": "Adadelta",
+    "adam": "Adam",
+    "adamw": "AdamW",
+}
+
+
+def functional_run(case: C.Case):
+    """``run(p0, grads)``: polyopt's functional form on NumPy copies of ``p0``, yielding
+    ``(params, per-array slots)`` after each step (a None grad: no gradient)."""
+    import polyopt
+
+    def run(p0, grads):
+        opt = polyopt.OPTIMIZERS[case.name][0](**C.polyopt_hyperparams(case))
+        params = [p.copy() for p in p0]
+        state = opt.init(params)
+        for g in grads:
+            params, state = opt.update(params, g, state)
+            yield params, state.per_array(len(params))
+
+    return run
+
+
+def stateful_torch_run(case: C.Case):
+    """``run(p0, grads)``: polyopt's stateful form updating torch tensors in place, with
+    the grads given through ``.grad`` (None: the tensor is skipped)."""
+    import torch
+
+    import polyopt
+
+    def run(p0, grads):
+        tensors = [torch.tensor(p) for p in p0]
+        opt = polyopt.OPTIMIZERS[case.name][1](tensors, **C.polyopt_hyperparams(case))
+        for gs in grads:
+            for t, g in zip(tensors, gs, strict=True):
+                t.grad = None if g is None else torch.tensor(g)
+            opt.step()
+            per_array = opt.state.per_array(len(tensors))
+            slots = [{n: v.numpy() for n, v in s.items()} for s in per_array]
+            yield [t.numpy() for t in tensors], slots
+
+    return run
+
+
 def torch_supports(case: C.Case) -> bool:
     """torch.optim.SGD has no decoupled weight decay (SGDW): those cases are reference-only."""
     return not (case.name == "sgd" and case.hyperparams.get("decoupled_weight_decay", False))
