@@ -986,7 +986,9 @@ def test_functional_counts_are_validated(counts, exc, rx):
 @pytest.mark.parametrize("name", NAMES)
 def test_sparse_torch_grads_are_a_clear_error(name, how):
     w = torch.nn.Parameter(torch.ones(4, 2, dtype=torch.float64))
-    sparse = torch.sparse_coo_tensor([[0, 2]], torch.ones(2, 2, dtype=torch.float64), (4, 2))
+    sparse = torch.sparse_coo_tensor(
+        [[0, 2]], torch.ones(2, 2, dtype=torch.float64), (4, 2), check_invariants=True
+    )
     opt = polyopt.OPTIMIZERS[name][1]([w], lr=0.1)
     with pytest.raises(TypeError, match=r"params\[0\]|grads\[0\] is a sparse tensor.*sparse_coo"):
         if how == "explicit":
