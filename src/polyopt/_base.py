@@ -160,10 +160,6 @@ class OptState(NamedTuple):
         names = sorted({name for entry in per_array for name in entry})
         return {name: tuple(entry.get(name) for entry in per_array) for name in names}
 
-    def count(self, i: int) -> Any:
-        """How many updates array ``i`` has had."""
-        return self.step if self.counts is None else self.counts[i]
-
 
 def _join_slots(parts: list[tuple[int, Mapping]]) -> dict:
     """``{name: tuple}`` over all arrays from per-group ``(count, {name: sequence})``;
@@ -282,7 +278,7 @@ class Optimizer:
             if not mine:
                 out.append(self.hyperparams)  # checked at construction
                 continue
-            key = _cache_key(mine, grouped, i)
+            key = _cache_key(mine)
             hp = self._checked.get(key) if key is not None else None
             if hp is None:
                 hp = self._check({**self.hyperparams, **mine}, _group_label(i, grouped))
@@ -675,7 +671,7 @@ class Optimizer:
 _at_step = Optimizer._at_step
 
 
-def _cache_key(overrides: dict, grouped: bool, i: int) -> tuple | None:
+def _cache_key(overrides: dict) -> tuple | None:
     """A key for group overrides that are plain values (numbers, flags, tuples of them,
     schedule objects), or None when some value could change without changing its
     identity (an array, a list) and must be checked again."""
@@ -689,7 +685,7 @@ def _cache_key(overrides: dict, grouped: bool, i: int) -> tuple | None:
             return None
         items.append((k, t, v))
     try:
-        return (grouped, i, *sorted(items, key=lambda kv: kv[0]))
+        return tuple(sorted(items, key=lambda kv: kv[0]))
     except TypeError:
         return None
 

@@ -106,14 +106,11 @@ def flag(name: str, value_: Any) -> None:
         raise TypeError(f"{name} must be True or False, got {value_!r}")
 
 
-def betas(value_: Any) -> tuple:
-    """The pair as a tuple (a list is copied: the optimizer must not share it)."""
+def betas(value_: Any) -> None:
     if not (isinstance(value_, (tuple, list)) and len(value_) == 2):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {value_!r}")
-    b = (normalize("betas[0]", value_[0]), normalize("betas[1]", value_[1]))
-    in_range("betas[0]", b[0], 0.0, 1.0, closed=False)
-    in_range("betas[1]", b[1], 0.0, 1.0, closed=False)
-    return b
+    in_range("betas[0]", value_[0], 0.0, 1.0, closed=False)
+    in_range("betas[1]", value_[1], 0.0, 1.0, closed=False)
 
 
 def _scalar(name: str, value_: Any, schedulable: bool) -> float | None:
