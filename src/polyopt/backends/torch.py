@@ -1,4 +1,4 @@
-"""PyTorch fast path for Adam / AdamW: torch's own fused multi-tensor kernels.
+"""PyTorch fast paths for Adam / AdamW, SGD and Adagrad: torch's own fused multi-tensor kernels.
 
 The generic path runs about a dozen eager torch operations per tensor, each a Python
 call, a dispatch and (on a GPU) a kernel launch; for a model with hundreds of tensors
@@ -7,9 +7,13 @@ that overhead, not the arithmetic, sets the step time. ``torch._fused_adam_`` an
 whole list of tensors in one call and one pass over memory, in place. This module calls
 them on the user's own tensors, grouped by (device, dtype) as the CUDA kernel needs.
 
-Same math, not a second definition of it: the kernels compute polyopt's ``adam`` rule
-(``polyopt.rules.adam``), which is ``torch.optim.Adam``/``AdamW`` exactly. How they are
-called, and the two places their rounding differs from the generic path:
+Same math, not a second definition of it: the kernels compute polyopt's rules
+(``polyopt.rules.adam``, ``.sgd``, ``.adagrad``), which are ``torch.optim``'s exactly; the
+conformance matrix and ``tests/test_torch_fused.py`` hold each kernel to its rule.
+``_fused_sgd_`` is told ``is_first_step`` (the momentum buffer is the gradient itself on
+an array's first update, as the rule's ``after_first`` says) and ``_fused_adagrad_``
+reads the 1-based step like the Adam kernels. How the Adam kernels are called, and the
+two places their rounding differs from the generic path:
 
 - polyopt's ``k`` is the 0-based count before this update. ``torch.optim`` increments
   its ``state_steps`` tensors first and then calls the kernel, which reads them as the
@@ -59,7 +63,9 @@ import numpy as np
 import torch
 
 from .._base import Optimizer
+from ..rules.adagrad import ADAGRAD
 from ..rules.adam import ADAM
+from ..rules.sgd import SGD_RULE
 from . import FastPath, register
 
 _FUSED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -77,21 +83,10 @@ def _fused_devices() -> frozenset:
 
 
 _FUSED_DEVICES = _fused_devices()
-HAVE_FUSED = hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_")
-
-#: The generic rule, for what the kernels cannot take (same code as impl="generic").
-_GENERIC = Optimizer(ADAM, {}, impl="generic")
 
 
 def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _host_scalars(hp: dict, k: Any) -> bool:
-    b1, b2 = hp["betas"]
-    return isinstance(k, int) and all(
-        _number(x) for x in (hp["lr"], hp["weight_decay"], hp["eps"], b1, b2)
-    )
 
 
 def _kernel_decay_error(decay: float, dtype: torch.dtype) -> float:
@@ -101,44 +96,154 @@ def _kernel_decay_error(decay: float, dtype: torch.dtype) -> float:
     return abs((1.0 - factor) - decay) / decay
 
 
-def _generic(xp, p, g, slots, i, hp, k):
-    """The engine's per-array step for array ``i`` of the group."""
-    return _GENERIC._step_one(xp, p, g, {n: a[i] for n, a in slots.items()}, hp, k)
-
-
 def _fusable(device: torch.device, dtype: torch.dtype) -> bool:
-    return HAVE_FUSED and dtype in _FUSED_DTYPES and device.type in _FUSED_DEVICES
+    return dtype in _FUSED_DTYPES and device.type in _FUSED_DEVICES
+
+
+class _Kernel:
+    """How one of torch's fused kernels computes one rule.
+
+    - ``scalars``: the hyperparameters the kernel takes as host numbers (the group takes
+      the generic rule when one of them is an array or a traced value).
+    - ``takes(hp)``: whether the kernel computes the rule for these hyperparameters.
+    - ``launch(lists, t, k, hp, dtype)``: run it on ``[params, grads, *slots]`` of one
+      (device, dtype), in place; ``t`` is a float32 tensor holding ``k + 1``.
+    """
+
+    def __init__(self, rule, names, scalars, takes, launch):
+        self.rule, self.names, self.scalars, self.takes, self.launch = (
+            rule,
+            names,
+            scalars,
+            takes,
+            launch,
+        )
+        self.generic = Optimizer(rule, {}, impl="generic")  # what the kernel cannot take
+
+
+def _adam_names(hp):
+    return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] else ())
+
+
+def _launch_adam(lists, t, k, hp, dtype):
+    ps, gs, ms, vs, *rest = lists
+    maxs = rest[0] if rest else []
+    b1, b2 = hp["betas"]
+    lr, wd = float(hp["lr"]), float(hp["weight_decay"])
+    decoupled = bool(hp["decoupled_weight_decay"])
+    separate_decay = (
+        decoupled
+        and lr * wd > 0
+        and dtype in (torch.float32, torch.float64)
+        and _kernel_decay_error(lr * wd, dtype) > DECAY_RTOL
+    )
+    if separate_decay:
+        torch._foreach_add_(ps, ps, alpha=-(lr * wd))  # p − (lr·λ)·p, as the rule does
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    kernel(
+        ps,
+        gs,
+        ms,
+        vs,
+        maxs,
+        [t] * len(ps),
+        lr=lr,
+        beta1=float(b1),
+        beta2=float(b2),
+        weight_decay=0.0 if separate_decay else wd,
+        eps=float(hp["eps"]),
+        amsgrad=bool(hp["amsgrad"]),
+        maximize=bool(hp["maximize"]),
+    )
+
+
+def _sgd_names(hp):
+    return SGD_RULE.slots(hp)
+
+
+def _launch_sgd(lists, t, k, hp, dtype):
+    ps, gs, *bufs = lists
+    torch._fused_sgd_(
+        ps,
+        gs,
+        bufs[0] if bufs else [],
+        weight_decay=float(hp["weight_decay"]),
+        momentum=float(hp["momentum"]),
+        lr=float(hp["lr"]),
+        dampening=float(hp["dampening"]),
+        nesterov=bool(hp["nesterov"]),
+        maximize=bool(hp["maximize"]),
+        is_first_step=k == 0,
+    )
+
+
+def _launch_adagrad(lists, t, k, hp, dtype):
+    ps, gs, sums = lists
+    torch._fused_adagrad_(
+        ps,
+        gs,
+        sums,
+        [t] * len(ps),
+        lr=float(hp["lr"]),
+        lr_decay=float(hp["lr_decay"]),
+        weight_decay=float(hp["weight_decay"]),
+        eps=float(hp["eps"]),
+        maximize=bool(hp["maximize"]),
+    )
+
+
+def _sgd_takes(hp):  # the kernel's decay is coupled only
+    return not hp["decoupled_weight_decay"] or hp["weight_decay"] == 0
+
+
+_ADAM = _Kernel(ADAM, _adam_names, ("lr", "weight_decay", "eps"), lambda hp: True, _launch_adam)
+_SGD = _Kernel(
+    SGD_RULE, _sgd_names, ("lr", "weight_decay", "momentum", "dampening"), _sgd_takes, _launch_sgd
+)
+_ADAGRAD = _Kernel(
+    ADAGRAD,
+    lambda hp: ("sum",),
+    ("lr", "lr_decay", "weight_decay", "eps"),
+    lambda hp: True,
+    _launch_adagrad,
+)
+
+
+def _host_scalars(kernel: _Kernel, hp: dict, k: Any) -> bool:
+    values = [hp[n] for n in kernel.scalars] + list(hp.get("betas", ()))
+    return isinstance(k, int) and all(_number(x) for x in values)
 
 
 _NEW = object()
 
 
-def _plan(xp, params, grads, slots, hp, k, inplace):
-    """One Adam/AdamW update of a run of arrays (see the module docstring): the lists
-    for the kernels and the generic math for the tensors they cannot take are made now;
-    the returned commit runs the kernels (in place) and returns ``(params, slots)``."""
-    if not HAVE_FUSED or not _host_scalars(hp, k):
-        result = _GENERIC._step_group(xp, params, grads, slots, hp, k)
+def _plan(kernel: _Kernel, xp, params, grads, slots, hp, k, inplace):
+    """One update of a run of arrays with ``kernel`` (see the module docstring): the
+    lists for the kernel and the generic math for the tensors it cannot take are made
+    now; the returned commit runs the kernel (in place) and returns ``(params, slots)``."""
+    generic = kernel.generic
+    if not _host_scalars(kernel, hp, k) or not kernel.takes(hp):
+        result = generic._step_group(xp, params, grads, slots, hp, k)
         return lambda: result
 
-    names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] else ())
+    names = kernel.names(hp)
     out_p: list = [None] * len(params)
     out_s: dict = {name: [None] * len(params) for name in names}
-    # (device, dtype) -> [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], or None
-    # where the kernels do not apply. This loop is the Python cost per tensor (~1 µs):
-    # keep it lean.
+    # (device, dtype) -> [params, grads, *slots], or None where the kernel does not
+    # apply. This loop is the Python cost per tensor (~1 µs): keep it lean.
     groups: dict = {}
     columns = [slots[n] for n in names]
+    width = 2 + len(names)
     for i, (p, g) in enumerate(zip(params, grads)):
         key = (p.device, p.dtype)
         lists = groups.get(key, _NEW)
         if lists is _NEW:
-            lists = groups[key] = [[], [], [], [], []] if _fusable(*key) else None
+            lists = groups[key] = [[] for _ in range(width)] if _fusable(*key) else None
         st = [c[i] for c in columns]
         if lists is None or (
             inplace and not (p.is_contiguous() and all(t.is_contiguous() for t in st))
         ):
-            out_p[i], s = _generic(xp, p, g, slots, i, hp, k)
+            out_p[i], s = generic._step_one(xp, p, g, dict(zip(names, st)), hp, k)
             for name in names:
                 out_s[name][i] = s[name]
             continue
@@ -155,10 +260,6 @@ def _plan(xp, params, grads, slots, hp, k, inplace):
         for j, t in enumerate(st):
             lists[2 + j].append(t)
 
-    b1, b2 = hp["betas"]
-    lr, wd = float(hp["lr"]), float(hp["weight_decay"])
-    decoupled = bool(hp["decoupled_weight_decay"])
-    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     launches = []
     steps: dict = {}
     for (dev, dt), lists in groups.items():
@@ -167,33 +268,11 @@ def _plan(xp, params, grads, slots, hp, k, inplace):
         t = steps.get(dev)
         if t is None:  # the 1-based step the kernel reads (torch.optim increments first)
             t = steps[dev] = torch.full((), float(k + 1), dtype=torch.float32, device=dev)
-        separate_decay = (
-            decoupled
-            and lr * wd > 0
-            and dt in (torch.float32, torch.float64)
-            and _kernel_decay_error(lr * wd, dt) > DECAY_RTOL
-        )
-        launches.append((lists, t, separate_decay))
+        launches.append((lists, t, dt))
 
     def commit():
-        for (ps, gs, ms, vs, maxs), t, separate_decay in launches:
-            if separate_decay:
-                torch._foreach_add_(ps, ps, alpha=-(lr * wd))  # p − (lr·λ)·p, as the rule does
-            kernel(
-                ps,
-                gs,
-                ms,
-                vs,
-                maxs,
-                [t] * len(ps),
-                lr=lr,
-                beta1=float(b1),
-                beta2=float(b2),
-                weight_decay=0.0 if separate_decay else wd,
-                eps=float(hp["eps"]),
-                amsgrad=bool(hp["amsgrad"]),
-                maximize=bool(hp["maximize"]),
-            )
+        for lists, t, dt in launches:
+            kernel.launch(lists, t, k, hp, dt)
         return out_p, out_s
 
     if inplace:
@@ -202,13 +281,20 @@ def _plan(xp, params, grads, slots, hp, k, inplace):
     return lambda: result
 
 
-def pure(xp, params, grads, slots, hp, k):
-    return _plan(xp, params, grads, slots, hp, k, False)()
+def _fast_path(kernel: _Kernel) -> FastPath:
+    def pure(xp, params, grads, slots, hp, k):
+        return _plan(kernel, xp, params, grads, slots, hp, k, False)()
+
+    def inplace(xp, params, grads, slots, hp, k):
+        return _plan(kernel, xp, params, grads, slots, hp, k, True)
+
+    return FastPath(pure, inplace)
 
 
-def inplace(xp, params, grads, slots, hp, k):
-    return _plan(xp, params, grads, slots, hp, k, True)
-
-
-FUSED_ADAM = FastPath(pure, inplace)
-register(("adam", "adamw"), "torch", FUSED_ADAM)
+FUSED_ADAM = _fast_path(_ADAM)
+if hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_"):
+    register(("adam", "adamw"), "torch", FUSED_ADAM)
+if hasattr(torch, "_fused_sgd_"):
+    register(("sgd",), "torch", _fast_path(_SGD))
+if hasattr(torch, "_fused_adagrad_"):
+    register(("adagrad",), "torch", _fast_path(_ADAGRAD))
