@@ -1,0 +1,345 @@
+"""polyopt's optimizers as real ``torch.optim.Optimizer`` classes.
+
+::
+
+    import polyopt.torch
+    opt = polyopt.torch.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=1000)
+    for x, y in data:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+Every optimizer of :data:`polyopt.OPTIMIZERS` is here under its stateful name, built
+by :func:`adapter` from the same rule as ``polyopt.adamw`` / ``polyopt.AdamW``. Where
+torch has a class of that name, the adapter subclasses it and keeps everything but
+``step``: the constructor (arguments, defaults, validation, the exceptions it raises),
+``param_groups`` and ``defaults``, per-parameter ``state[p]`` with torch's slot names
+and ``step`` counters, ``state_dict`` / ``load_state_dict`` (so checkpoints move
+between torch.optim and polyopt.torch both ways), ``zero_grad``, ``add_param_group``,
+hooks, ``repr``, pickling. So ``isinstance(opt, torch.optim.AdamW)`` holds, and
+schedulers, ``GradScaler``, DDP, ``ZeroRedundancyOptimizer``, FSDP, Lightning and the
+Hugging Face Trainer treat it as the torch class. ``step`` runs polyopt's rule through
+the engine: every check first, then the writes; a parameter whose ``.grad`` is None is
+skipped and keeps its own ``step`` count, as in torch.
+
+Implementation choice: ``fused=True`` runs polyopt's fused path (an error if polyopt
+has none for this optimizer on torch), ``foreach=False`` the generic per-tensor rule,
+and the default (``None``) or ``foreach=True`` the fastest path polyopt has (``impl=
+"auto"``). ``capturable=True`` and ``differentiable=True`` are refused with a
+RuntimeError: polyopt's step reads its step counts on the host and does not build an
+autograd graph through the update.
+
+Hyperparameters polyopt has and torch's class lacks (SGD's ``decoupled_weight_decay``)
+are extra keyword arguments; they enter ``defaults`` and the param groups only when
+given, so a default state dict is exactly torch's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import OPTIMIZERS, _base
+from . import backends as _backends
+from ._base import OptState, deferred_interrupt
+
+__all__ = ["adapter"]
+
+#: Constructor flags of torch.optim that choose how a step runs, not what it computes.
+_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _impl(defaults: dict) -> str:
+    if defaults.get("fused"):
+        return "fused"
+    if defaults.get("foreach") is False:
+        return "generic"
+    return "auto"
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim keeps ``step`` counters in (float32, or float64 when that
+    is torch's default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class _Adapter(torch.optim.Optimizer):
+    """What every polyopt.torch class adds to its torch base: ``step`` runs the rule."""
+
+    _factory: Callable[..., _base.Optimizer]
+    _extras: tuple[str, ...] = ()  # rule hyperparameters torch's constructor lacks
+    _counted: bool = True  # keeps torch's per-param "step" (SGD: no, as in torch)
+
+    # -- the engine, rebuilt lazily (torch's __getstate__ keeps only the three fields) --
+
+    @property
+    def _polyopt(self) -> _base.Optimizer:
+        engine = self.__dict__.get("_polyopt_engine")
+        key = (_impl(self.defaults), id(self.defaults))
+        if engine is None or self.__dict__.get("_polyopt_key") != key:
+            known = type(self)._factory().rule.defaults
+            hp = {k: v for k, v in self.defaults.items() if k in known}
+            engine = type(self)._factory(impl=_impl(self.defaults), **hp)
+            self.__dict__["_polyopt_engine"], self.__dict__["_polyopt_key"] = engine, key
+        return engine
+
+    @property
+    def _polyopt_lock(self) -> threading.RLock:
+        return self.__dict__.setdefault("_polyopt_lock_", threading.RLock())
+
+    def _check_flags(self) -> None:
+        name = type(self).__name__
+        for flag in ("capturable", "differentiable"):
+            if self.defaults.get(flag):
+                raise RuntimeError(
+                    f"polyopt.torch.{name} does not support {flag}=True (its step reads "
+                    f"step counts on the host and builds no autograd graph); use "
+                    f"torch.optim.{name}({flag}=True) for that"
+                )
+        if self.defaults.get("fused"):
+            rule = type(self)._factory().rule.name
+            if not _backends.available(rule, "torch"):
+                raise RuntimeError(
+                    f"polyopt.torch.{name}: fused=True, but polyopt has no fused {rule} "
+                    "step for torch tensors; leave fused unset (the fastest path polyopt "
+                    "has) or pass foreach=False (the generic rule)"
+                )
+
+    def __getstate__(self) -> dict:
+        return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups}
+
+    # -- the step ------------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a ``.grad``; returns ``closure()``'s
+        loss if a closure is given (it is called with grad enabled, as in torch)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if torch.compiler.is_compiling():
+            _compiled_warning(type(self).__name__)
+        _run(self, getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        return loss
+
+
+_WARNED: set = set()
+
+
+@torch._dynamo.disable
+def _compiled_warning(name: str) -> None:
+    if name in _WARNED:
+        return
+    _WARNED.add(name)
+    warnings.warn(
+        f"polyopt.torch.{name}.step runs eagerly under torch.compile (a graph break): "
+        "the rest of the compiled function is compiled as usual",
+        stacklevel=3,
+    )
+
+
+def _counts_of(steps: list) -> list:
+    """The per-param ``step`` counters as ints, read in one transfer."""
+    if not steps:
+        return []
+    try:
+        return [int(c) for c in torch.stack(steps).tolist()]
+    except RuntimeError:  # counters on several devices
+        return [int(s) for s in steps]
+
+
+@torch._dynamo.disable
+def _run(opt: _Adapter, grad_scale: Any, found_inf: Any) -> None:
+    with opt._polyopt_lock:
+        engine = opt._polyopt
+        rule, known, counted = engine.rule, engine.rule.defaults, type(opt)._counted
+        groups = opt.param_groups
+        trees = [g["params"] for g in groups]
+        grads = [[p.grad for p in ps] for ps in trees]
+        if all(g is None for gs in grads for g in gs):
+            return  # nothing has a gradient: nothing happens, no counter moves
+        if any(g is not None and g.is_sparse for gs in grads for g in gs):
+            raise RuntimeError(
+                f"polyopt.torch.{type(opt).__name__} does not support sparse gradients"
+            )
+        rests = [{k: g[k] for k in g if k in known} for g in groups]
+        hps = engine._resolve(rests, True)  # checked here: errors name the group
+        # each param's state as the engine will see it; params stepped for the first
+        # time get the rule's initial state, which joins opt.state only at the commit
+        views, names_of, fresh = [], [], []
+        for ps, gs, hp in zip(trees, grads, hps):
+            hp0 = engine._at_step(hp, 0)
+            names = rule.slots(hp0)
+            missing = [
+                p
+                for p, g in zip(ps, gs)
+                if g is not None and any(n not in opt.state.get(p, ()) for n in names)
+            ]
+            made: dict = {}
+            if missing:
+                init = rule.init_slots(missing, hp0, _namespace(missing))
+                for j, p in enumerate(missing):
+                    s = opt.state.get(p, {})
+                    entry = {"step": _new_step(opt, p)} if counted and "step" not in s else {}
+                    entry.update(s)  # torch's order: "step" first
+                    entry.update({n: init[n][j] for n in names if n not in s})
+                    made[id(p)] = entry
+                    fresh.append((p, entry))
+            for p in ps:
+                views.append(made.get(id(p)) or opt.state.get(p, {}))
+                names_of.append(names)
+        present = [g is not None for gs in grads for g in gs]
+        slots = {
+            name: tuple(v.get(name) if name in ns else None for v, ns in zip(views, names_of))
+            for name in sorted({n for ns in names_of for n in ns})
+        }
+        if counted:  # torch's per-param "step" counters, read in one transfer
+            steps = [v["step"] for v, x in zip(views, present) if x]
+            read = iter(_counts_of([v["step"] for v in views if "step" in v]))
+            counts = [next(read) if "step" in v else 0 for v in views]
+        else:  # SGD keeps no counter: a momentum buffer exists once a param was updated
+            counts = [
+                1 if "momentum_buffer" in opt.state.get(p, ()) else 0 for ps in trees for p in ps
+            ]
+        k = max(counts)
+        state = OptState(k, slots, None if min(counts) == k else tuple(counts))
+        if found_inf is not None and bool(found_inf.item()):
+            return  # GradScaler found an inf/NaN: the step is skipped, counters too
+        if grad_scale is not None:  # GradScaler's fused route: unscale the grads now
+            inv = 1.0 / grad_scale.double().item()
+            grads = [[None if g is None else g * inv for g in gs] for gs in grads]
+        commit = engine._prepare(trees, rests, True, grads, state, inplace=True)
+        with deferred_interrupt():
+            if grad_scale is not None:  # torch's fused kernels leave the grads unscaled too
+                for ps, gs in zip(trees, grads):
+                    for p, g in zip(ps, gs):
+                        if g is not None:
+                            p.grad.copy_(g)
+            _, new_state = commit()
+            for p, entry in fresh:
+                opt.state[p].update(entry)
+            params = [p for ps in trees for p in ps]
+            for name, column in new_state.slots.items():
+                for p, x, new in zip(params, present, column):
+                    if x and new is not None:
+                        opt.state[p][name] = new
+            if counted:
+                torch._foreach_add_(steps, 1)
+
+
+def _namespace(tensors: list) -> Any:
+    from . import _xp
+
+    return _xp.namespace(tensors[:1], "params")
+
+
+def _new_step(opt: _Adapter, p: torch.Tensor) -> torch.Tensor:
+    """A fresh ``step`` counter where torch.optim would make it."""
+    if opt.defaults.get("fused") or opt.defaults.get("capturable"):
+        return torch.zeros((), dtype=_scalar_dtype(), device=p.device)
+    return torch.tensor(0.0, dtype=_scalar_dtype())
+
+
+def adapter(name: str, factory: Callable[..., _base.Optimizer], base: type | None = None) -> type:
+    """The ``torch.optim.Optimizer`` class for one polyopt optimizer.
+
+    Args:
+        name: the class name (``"AdamW"``).
+        factory: the functional factory (``polyopt.adamw``); its rule is the math.
+        base: the torch class to subclass; by default ``torch.optim.<name>`` where torch
+            has one. Without one, the constructor takes the factory's hyperparameters
+            (same names and defaults) and checks them as the functional form does.
+
+    Returns:
+        A subclass of ``base`` (or of ``torch.optim.Optimizer``) whose ``step`` runs the
+        rule.
+    """
+    if base is None:
+        found = getattr(torch.optim, name, None)
+        base = (
+            found if isinstance(found, type) and issubclass(found, torch.optim.Optimizer) else None
+        )
+    rule = factory().rule
+    doc = (
+        f"``torch.optim.Optimizer`` form of :func:`polyopt.{factory.__name__}` "
+        f"(see :mod:`polyopt.torch`).\n\n" + (factory.__doc__ or "")
+    )
+    if base is not None:
+        torch_args = set(inspect.signature(base.__init__).parameters)
+        extras = tuple(k for k in rule.defaults if k not in torch_args)
+
+        def __init__(self, params, *args, **kwargs):  # noqa: N807
+            extra = {k: kwargs.pop(k) for k in extras if k in kwargs}
+            if extra:  # checked as the functional form checks them, before anything
+                factory(**extra)
+            base.__init__(self, params, *args, **kwargs)
+            for k, v in extra.items():
+                self.defaults[k] = v
+                for group in self.param_groups:
+                    group.setdefault(k, v)
+            self._check_flags()
+            self._polyopt  # noqa: B018 - build (and so check) the engine now
+
+        sig = inspect.signature(base.__init__)
+        extra_params = [
+            inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=rule.defaults[k])
+            for k in extras
+        ]
+        __init__.__signature__ = sig.replace(  # type: ignore[attr-defined]
+            parameters=list(sig.parameters.values()) + extra_params
+        )
+        bases: tuple = (_Adapter, base)
+        counted = name != "SGD"  # torch's SGD keeps no step counter
+    else:
+        extras = ()
+        fsig = inspect.signature(factory)
+
+        def __init__(self, params, *args, foreach=None, fused=None, **kwargs):  # noqa: N807
+            bound = fsig.bind(*args, **kwargs)
+            hp = {k: v for k, v in bound.arguments.items() if k != "impl"}
+            engine = factory(**hp)  # checks every hyperparameter: ValueError / TypeError
+            defaults = {**engine.hyperparams, "foreach": foreach, "fused": fused}
+            torch.optim.Optimizer.__init__(self, params, defaults)
+            self._check_flags()
+            self._polyopt  # noqa: B018
+
+        pars = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        pars.append(inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD))
+        pars += [p for n, p in fsig.parameters.items() if n != "impl"]
+        for flag in ("foreach", "fused"):
+            pars.append(inspect.Parameter(flag, inspect.Parameter.KEYWORD_ONLY, default=None))
+        __init__.__signature__ = inspect.Signature(pars)  # type: ignore[attr-defined]
+        bases = (_Adapter, torch.optim.Optimizer)
+        counted = True
+    return type(
+        name,
+        bases,
+        {
+            "__init__": __init__,
+            "__doc__": doc,
+            "__module__": __name__,
+            "__qualname__": name,
+            "_factory": staticmethod(factory),
+            "_extras": extras,
+            "_counted": counted,
+        },
+    )
+
+
+def _classes() -> dict[str, type]:
+    out = {}
+    for factory, stateful_cls in OPTIMIZERS.values():
+        out[stateful_cls.__name__] = adapter(stateful_cls.__name__, factory)
+    return out
+
+
+globals().update(_classes())
+__all__ += sorted(cls.__name__ for _, cls in OPTIMIZERS.values())
