@@ -322,6 +322,9 @@ def test_polyopt_only_hyperparameter():
     torch.testing.assert_close(params[0].detach(), before * (1 - 0.1 * 0.5), rtol=1e-15, atol=0)
     with pytest.raises(TypeError, match="decoupled_weight_decay must be True or False"):
         pt.SGD(_params(), decoupled_weight_decay="yes")
+    # AdamW's is torch's own (fixed to True): not an argument there, as in torch
+    with pytest.raises(TypeError, match="decoupled_weight_decay"):
+        pt.AdamW(_params(), decoupled_weight_decay=False)
 
 
 def test_generated_without_a_torch_class():

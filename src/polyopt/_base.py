@@ -34,6 +34,7 @@ import copy as _copy
 import functools
 import inspect
 import math
+import operator
 import signal
 import threading
 from collections.abc import Callable, Mapping
@@ -49,6 +50,7 @@ IMPLS = ("auto", "generic", "fused")
 #: Key set in a group's evaluated hyperparameters when one of them is an array (cast to
 #: the compute dtype per array by :meth:`Optimizer.step_args`).
 ARRAYS = "_arrays"
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
 
 @dataclass(frozen=True)
@@ -570,13 +572,18 @@ class Optimizer:
                 f"{_xp.backend_name(leaves[0])} arrays, grads are "
                 f"{_xp.backend_name(grads[0])} arrays"
             )
-        for g, i in zip(grads, idx):
-            p = leaves[i]
-            if g.shape != p.shape or g.dtype != p.dtype:
-                raise ValueError(
-                    f"{path(i)} has shape {tuple(g.shape)} and dtype {g.dtype}, "
-                    f"expected shape {tuple(p.shape)} and dtype {p.dtype} as in params"
-                )
+        mine = leaves if len(grads) == len(leaves) else [leaves[i] for i in idx]
+        # the common case in a few passes at C speed; the loop finds the culprit
+        if list(map(_SHAPE, grads)) != list(map(_SHAPE, mine)) or list(map(_DTYPE, grads)) != list(
+            map(_DTYPE, mine)
+        ):
+            for g, i in zip(grads, idx):
+                p = leaves[i]
+                if g.shape != p.shape or g.dtype != p.dtype:
+                    raise ValueError(
+                        f"{path(i)} has shape {tuple(g.shape)} and dtype {g.dtype}, "
+                        f"expected shape {tuple(p.shape)} and dtype {p.dtype} as in params"
+                    )
         if _xp.is_torch(xp) and _xp.any_sparse(grads):
             for g, i in zip(grads, idx):
                 layout = _xp.sparse_layout(g)

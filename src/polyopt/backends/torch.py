@@ -227,22 +227,30 @@ def _plan(kernel: _Kernel, xp, params, grads, slots, hp, k, inplace):
         return lambda: result
 
     names = kernel.names(hp)
+    whole = _whole(params, grads, [slots[n] for n in names]) if inplace else None
+    if whole is not None:  # one dtype, all contiguous: the lists as they are
+        launches = [(whole, _step_tensor(k, params[0].device), params[0].dtype)]
+        out = list(params), {n: list(slots[n]) for n in names}
+        return lambda: _launch_all(kernel, launches, k, hp, out)
+
     out_p: list = [None] * len(params)
     out_s: dict = {name: [None] * len(params) for name in names}
     # (device, dtype) -> [params, grads, *slots], or None where the kernel does not
     # apply. This loop is the Python cost per tensor (~1 µs): keep it lean.
     groups: dict = {}
-    columns = [slots[n] for n in names]
     width = 2 + len(names)
-    for i, (p, g) in enumerate(zip(params, grads)):
+    for i, (p, g, *st) in enumerate(zip(params, grads, *[slots[n] for n in names])):
         key = (p.device, p.dtype)
         lists = groups.get(key, _NEW)
         if lists is _NEW:
             lists = groups[key] = [[] for _ in range(width)] if _fusable(*key) else None
-        st = [c[i] for c in columns]
-        if lists is None or (
-            inplace and not (p.is_contiguous() and all(t.is_contiguous() for t in st))
-        ):
+        strided = inplace and not p.is_contiguous()
+        if inplace and not strided:
+            for t in st:
+                if not t.is_contiguous():
+                    strided = True
+                    break
+        if lists is None or strided:
             out_p[i], s = generic._step_one(xp, p, g, dict(zip(names, st)), hp, k)
             for name in names:
                 out_s[name][i] = s[name]
@@ -265,19 +273,41 @@ def _plan(kernel: _Kernel, xp, params, grads, slots, hp, k, inplace):
     for (dev, dt), lists in groups.items():
         if not lists or not lists[0]:
             continue
-        t = steps.get(dev)
-        if t is None:  # the 1-based step the kernel reads (torch.optim increments first)
-            t = steps[dev] = torch.full((), float(k + 1), dtype=torch.float32, device=dev)
-        launches.append((lists, t, dt))
-
-    def commit():
-        for lists, t, dt in launches:
-            kernel.launch(lists, t, k, hp, dt)
-        return out_p, out_s
-
+        if dev not in steps:  # the 1-based step the kernel reads (torch.optim increments first)
+            steps[dev] = _step_tensor(k, dev)
+        launches.append((lists, steps[dev], dt))
     if inplace:
-        return commit
-    result = commit()  # on the clones
+        return lambda: _launch_all(kernel, launches, k, hp, (out_p, out_s))
+    return _run_now(kernel, launches, k, hp, (out_p, out_s))  # on the clones
+
+
+def _whole(params, grads, columns) -> list | None:
+    """``[params, grads, *slots]`` as they are if the kernel can take every tensor in one
+    in-place launch (one dtype, all contiguous; the engine has checked that the params
+    share one device), else None. A few passes at C speed instead of a Python loop per
+    tensor: the common case of a model's step."""
+    if len({p.dtype for p in params}) != 1 or not _fusable(params[0].device, params[0].dtype):
+        return None
+    contiguous = torch.Tensor.is_contiguous
+    if not (all(map(contiguous, params)) and all(map(contiguous, grads))):
+        return None
+    if not all(all(map(contiguous, c)) for c in columns):
+        return None
+    return [list(params), list(grads), *[list(c) for c in columns]]
+
+
+def _step_tensor(k, device) -> torch.Tensor:
+    return torch.full((), float(k + 1), dtype=torch.float32, device=device)
+
+
+def _launch_all(kernel, launches, k, hp, out):
+    for lists, t, dt in launches:
+        kernel.launch(lists, t, k, hp, dt)
+    return out
+
+
+def _run_now(kernel, launches, k, hp, out):
+    result = _launch_all(kernel, launches, k, hp, out)
     return lambda: result
 
 
