@@ -239,6 +239,75 @@ def _polyopt_jax(impl: str) -> Callable:
     return build
 
 
+#: ``--torch``: each optimizer's hyperparameters (torch's defaults but for SGD's momentum)
+TORCH_HP = {
+    "SGD": {"lr": 1e-3, "momentum": 0.9},
+    "Adagrad": {},
+    "RMSprop": {},
+    "Adadelta": {},
+    "Adam": {},
+    "AdamW": {},
+}
+TORCH_MODES = {
+    "fused": {"fused": True},
+    "foreach": {"foreach": True},
+    "for-loop": {"foreach": False},
+}
+
+
+def _torch_params(pb: Problem):
+    torch, params, grads = _torch_tensors(pb)
+    params = [torch.nn.Parameter(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    return torch, params
+
+
+def _adapter(name: str) -> Callable:
+    def build(pb: Problem) -> Callable[[], None]:
+        _need("torch")
+        import polyopt.torch
+
+        _, params = _torch_params(pb)
+        return getattr(polyopt.torch, name)(params, **TORCH_HP[name]).step
+
+    return build
+
+
+def _torch_class(name: str, mode: str) -> Callable:
+    def build(pb: Problem) -> Callable[[], None]:
+        _need("torch")
+        torch, params = _torch_params(pb)
+        try:
+            opt = getattr(torch.optim, name)(params, **TORCH_HP[name], **TORCH_MODES[mode])
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise Unavailable(f"n/a: {e}") from None
+        return opt.step
+
+    return build
+
+
+def torch_implementations(name: str) -> list[tuple[str, str, Callable]]:
+    """``--torch``: polyopt.torch.<name> and torch.optim.<name> in each of its modes."""
+    rows = [(f"polyopt.torch.{name}", "torch", _adapter(name))]
+    rows += [(f"torch.optim.{name} {m}", "torch", _torch_class(name, m)) for m in TORCH_MODES]
+    return rows
+
+
+def _torch_table(pb: Problem, name: str, rows: list[Row]) -> str:
+    timed = [r for r in rows[1:] if r.ms is not None]
+    best = min(timed, key=lambda r: r.ms) if timed else None
+    out = []
+    for r in rows:
+        if r.ms is None:
+            out.append(f"  {r.name:<28} {r.note}")
+            continue
+        ratio = f"{r.ms / best.ms:.2f}x" if best else "-"
+        out.append(f"  {r.name:<28} {r.ms:>9.3g} ms  {ratio:>6}")
+    head = f"{name}, {pb.label}: time / the fastest torch.optim ({best.name if best else '-'})"
+    return "\n".join([head, *out])
+
+
 #: (name, library key for --libs, builder). Order = rows of the table.
 IMPLEMENTATIONS: list[tuple[str, str, Callable]] = [
     ("polyopt numpy generic", "numpy", _polyopt_numpy("generic")),
@@ -337,6 +406,7 @@ def run_size(
     repeats: int,
     libs: Sequence[str],
     interleave: bool = True,
+    implementations: Sequence[tuple[str, str, Callable]] | None = None,
 ) -> list[Row]:
     """Time every implementation in ``libs`` on ``pb``.
 
@@ -351,7 +421,8 @@ def run_size(
     than an identical program compiled after it, in the same process; building both
     ways gives every row half its samples in each position.
     """
-    todo = [(name, build) for name, lib, build in IMPLEMENTATIONS if lib in libs]
+    impls = IMPLEMENTATIONS if implementations is None else implementations
+    todo = [(name, build) for name, lib, build in impls if lib in libs]
     rows = [Row(name) for name, _ in todo]
     first = (repeats + 1) // 2
     passes = [(range(len(todo)), first), (range(len(todo))[::-1], repeats - first)]
@@ -578,6 +649,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--png", metavar="PATH", help="also write a bar chart")
     p.add_argument(
+        "--torch",
+        action="store_true",
+        help="instead: polyopt.torch.<Name> against torch.optim.<Name> (fused, foreach, "
+        "for-loop) for every optimizer, float32, torch's .grad interface",
+    )
+    p.add_argument(
         "--memory",
         action="store_true",
         help="instead of timing: extra bytes one step of polyopt's NumPy paths allocates",
@@ -610,6 +687,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "nothing proportional to the parameter count)."
         )
         return 0
+
+    if args.torch:
+        return _main_torch(sizes, warmup, repeats, args.sequential)
 
     copy_bytes = (64 if args.quick else 256) * 2**20
     threads = os.cpu_count() or 1
@@ -666,6 +746,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.png:
         _png(args.png, results)
         print(f"\nwrote {args.png}")
+    return 0
+
+
+def _main_torch(sizes, warmup: int, repeats: int, sequential: bool) -> int:
+    print(
+        "polyopt bench --torch: one float32 step of polyopt.torch.<Name> and of "
+        "torch.optim.<Name>, same arrays, .grad set once"
+    )
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; libraries: {_versions()}")
+    for n, t in sizes:
+        pb = make_problem(n, t)
+        for name in TORCH_HP:
+            impls = torch_implementations(name)
+            rows = run_size(pb, warmup, repeats, ["torch"], not sequential, impls)
+            print()
+            print(_torch_table(pb, name, rows))
+            sys.stdout.flush()
+    print(
+        f"\nms: median of {repeats} steps after {warmup} warm-up steps, "
+        + ("one implementation after another" if sequential else "in interleaved rounds")
+        + f"; hyperparameters {TORCH_HP} (else torch's defaults)."
+    )
     return 0
 
 
