@@ -6,11 +6,13 @@ command's output and to asv, not to pass/fail).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
+import polyopt
 from polyopt import backends, bench
 
 
@@ -133,3 +135,16 @@ def test_fused_numpy_step_allocates_nothing_proportional_to_params():
     # the fused step writes in place: small tables per tensor, nothing per parameter
     assert rows["polyopt numpy fused"] < 0.1 * pb.n_params
     assert rows["polyopt numpy fused, flat"] < 0.1 * pb.n_params
+
+
+def test_torch_adapter_comparison(capsys):
+    """``bench --torch``: one table per optimizer, polyopt.torch and each torch.optim
+    mode timed (or n/a where torch has no such mode), ratios to torch's fastest."""
+    pytest.importorskip("torch")
+    assert bench.main(["--torch", "--sizes", "1e3/3", "--repeats", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    for _, cls in polyopt.OPTIMIZERS.values():
+        name = cls.__name__
+        assert f"polyopt.torch.{name} " in out and f"torch.optim.{name} foreach" in out
+    assert "torch.optim.RMSprop fused    n/a" in out  # torch has no fused RMSprop
+    assert re.search(r"polyopt\.torch\.AdamW\s+[\d.]+ ms\s+[\d.]+x", out)
