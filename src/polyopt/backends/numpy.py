@@ -57,12 +57,12 @@ from itertools import chain
 
 import numba
 import numpy as np
-from numba import prange, types
-from numba.extending import intrinsic
+from numba import prange
 
 from .. import _base, flat
 from ..rules import adam as _adam
 from . import FastPath, register
+from ._numba import _ptr
 
 #: elements per parallel work item (~256 KiB per stream in float32)
 CHUNK = 1 << 16
@@ -87,24 +87,7 @@ _C_CONTIGUOUS = 0x0001
 _WRITEABLE = 0x0400
 
 
-# -- raw memory access inside numba ----------------------------------------------------
-
-
-@intrinsic
-def _ptr(typingctx, addr, dtype):
-    """``addr`` (int64) as a pointer to ``dtype`` elements, for ``numba.carray``."""
-    if isinstance(dtype, types.DType):
-        elem = dtype.dtype
-    elif isinstance(dtype, types.NumberClass):
-        elem = dtype.instance_type
-    else:
-        return None
-    sig = types.CPointer(elem)(types.int64, dtype)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-
-    return sig, codegen
+# raw memory access inside numba: polyopt.backends._numba._ptr
 
 
 # -- the math, once ----------------------------------------------------------------------

@@ -62,11 +62,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._base import ARRAYS as _ARRAYS
 from .._base import Optimizer
+from ..rules.adadelta import ADADELTA
 from ..rules.adagrad import ADAGRAD
 from ..rules.adam import ADAM
+from ..rules.rmsprop import RMSPROP
 from ..rules.sgd import SGD_RULE
-from . import FastPath, register
+from . import FastPath, _derive, register
 
 _FUSED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 #: largest relative error of the decoupled decay left to the kernel's rounded factor
@@ -321,6 +324,57 @@ def _fast_path(kernel: _Kernel) -> FastPath:
     return FastPath(pure, inplace)
 
 
+# -- kernels derived from the rule, where torch has none ------------------------------------
+
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _derived_plan(rule, xp, params, grads, slots, hp, k, inplace):
+    """One in-place update with the kernel compiled from ``rule`` itself
+    (:mod:`polyopt.backends._derive`): one call over a table of the tensors' data
+    addresses. It takes CPU tensors of one float dtype, contiguous, with hyperparameters
+    that are host numbers; anything else takes the generic rule."""
+    names = rule.slots(hp)
+    columns = [slots[n] for n in names]
+    dtype = params[0].dtype
+    if (
+        not inplace
+        or hp.get(_ARRAYS)
+        or not isinstance(k, int)
+        or dtype not in _NP_DTYPES
+        or params[0].device.type != "cpu"
+        or len({p.dtype for p in params}) != 1
+        or _whole(params, grads, columns) is None
+    ):
+        generic = Optimizer(rule, {}, impl="generic")
+        result = generic._step_group(xp, params, grads, slots, hp, k)
+        return lambda: result
+    kernel, _, sc = _derive.numba_kernel(rule, hp, k + 1, _NP_DTYPES[dtype])
+    ptr = torch.Tensor.data_ptr
+    tab = np.array([list(map(ptr, row)) for row in zip(params, grads, *columns)], dtype=np.int64)
+    sizes = np.fromiter(map(torch.Tensor.numel, params), dtype=np.int64, count=len(params))
+    out = list(params), {n: list(c) for n, c in zip(names, columns)}
+
+    def commit():
+        kernel(tab, sizes, sc)
+        # written through raw addresses: tell autograd the params changed, as an
+        # in-place torch op would (a graph that saved them then refuses to run)
+        torch.autograd.graph.increment_version(out[0])
+        return out
+
+    return commit
+
+
+def _derived(rule) -> FastPath:
+    def pure(xp, params, grads, slots, hp, k):  # the kernel writes in place only
+        return Optimizer(rule, {}, impl="generic")._step_group(xp, params, grads, slots, hp, k)
+
+    def inplace(xp, params, grads, slots, hp, k):
+        return _derived_plan(rule, xp, params, grads, slots, hp, k, True)
+
+    return FastPath(pure, inplace)
+
+
 FUSED_ADAM = _fast_path(_ADAM)
 if hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_"):
     register(("adam", "adamw"), "torch", FUSED_ADAM)
@@ -328,3 +382,6 @@ if hasattr(torch, "_fused_sgd_"):
     register(("sgd",), "torch", _fast_path(_SGD))
 if hasattr(torch, "_fused_adagrad_"):
     register(("adagrad",), "torch", _fast_path(_ADAGRAD))
+if _derive.HAVE_NUMBA:
+    register(("rmsprop",), "torch", _derived(RMSPROP))
+    register(("adadelta",), "torch", _derived(ADADELTA))
