@@ -38,10 +38,20 @@ def _run_kernel(rule, hp, params, grads, slots, k):
     kernel(np.array(rows, dtype=np.int64), np.array([p.size for p in params]), sc)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["serial", "chunked"])
 @pytest.mark.parametrize("k", [0, 6])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize(("name", "overrides"), STRUCTURES, ids=lambda x: str(x))
-def test_derived_kernel_equals_the_generic_rule_bit_for_bit(name, overrides, dtype, k):
+def test_derived_kernel_equals_the_generic_rule_bit_for_bit(
+    name, overrides, dtype, k, chunked, monkeypatch
+):
+    """Serial, and cut into chunks on numba's threads (chunks of 4 elements here, so
+    that arrays straddle chunks)."""
+    if chunked:
+        if _derive.numba_threads() < 2:
+            pytest.skip("numba has one thread here")
+        monkeypatch.setattr(_derive, "CHUNK", 4)
+        monkeypatch.setattr(_derive, "PARALLEL_FROM", 1)
     rule = RULES[name]
     opt = polyopt.Optimizer(rule, overrides, impl="generic")
     hp = opt.hyperparams

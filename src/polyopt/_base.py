@@ -364,12 +364,19 @@ class Optimizer:
         grads: Any,
         state: OptState,
         inplace: bool = False,
+        resolved: list[dict] | None = None,
+        torch_grads: bool = False,
     ) -> Callable[[], tuple[list, OptState]]:
         """Everything a step does that can fail: checks, schedules, the new arrays (or,
         for an in-place fast path, its plan). Returns the commit: a function that
         writes (``inplace``: the stateful form, into the params and state arrays) and
-        returns ``(new trees, new state)``, and does not fail."""
-        groups = self._resolve(rest, grouped)
+        returns ``(new trees, new state)``, and does not fail.
+
+        For ``polyopt.torch``: ``resolved``, the groups' hyperparameters as
+        :meth:`_resolve` gave them; ``torch_grads``, the grads are the params' ``.grad``
+        (torch has checked their shape, dtype and device on assignment, and the
+        optimizer that no param is listed twice), so those checks are not repeated."""
+        groups = self._resolve(rest, grouped) if resolved is None else resolved
         flat = [_tree.flatten(t) for t in trees]
         leaves = [leaf for lv, _ in flat for leaf in lv]
         grad_leaves, per_group = self._grad_leaves(grads, grouped, flat)
@@ -377,11 +384,11 @@ class Optimizer:
         ppath = _Paths(flat, grouped, "params")
         xp = self._check_arrays(leaves, "params", ppath)
         if inplace:
-            _check_usable(xp, leaves, ppath, writes=True)
+            _check_usable(xp, leaves, ppath, writes=True, distinct=torch_grads)
         present = [g is not None for g in grad_leaves]
         everything = all(present)
         given = grad_leaves if everything else [g for g in grad_leaves if g is not None]
-        if given:
+        if given and not torch_grads:
             gidx = range(len(leaves)) if everything else [i for i, x in enumerate(present) if x]
             self._check_grads(xp, leaves, given, gidx, gpath)
         if not inplace:  # the stateful form made its state itself (init / load_state_dict)
@@ -843,10 +850,13 @@ def _check_limits(xp: Any, hp: dict, leaves: list, where: str) -> None:
             )
 
 
-def _check_usable(xp: Any, leaves: list, path: Callable, writes: bool) -> None:
+def _check_usable(
+    xp: Any, leaves: list, path: Callable, writes: bool, distinct: bool = False
+) -> None:
     """For the stateful form: every array once (updated in place twice, or with two
-    states, it would be wrong), and writable where the step writes in place."""
-    if len(set(map(id, leaves))) != len(leaves):
+    states, it would be wrong; ``distinct``: known already), and writable where the
+    step writes in place."""
+    if not distinct and len(set(map(id, leaves))) != len(leaves):
         seen: dict = {}
         for i, p in enumerate(leaves):
             if id(p) in seen:

@@ -151,7 +151,8 @@ _NB = {
 
 def _emit(tr: Trace) -> tuple[list, list, list]:
     """``(body lines, output names, constants)``: each element operation once (shared
-    subexpressions included), each number it uses a kernel argument ``sc[i]``."""
+    subexpressions included), each number it uses a kernel constant ``c{i}`` (``sc[i]``,
+    loaded once)."""
     body: list[str] = []
     seen: dict = {}
     consts: list[float] = []
@@ -160,7 +161,7 @@ def _emit(tr: Trace) -> tuple[list, list, list]:
     def elem(node) -> str:
         if not isinstance(node, Node):  # a number the rule computed on the host
             consts.append(float(node))
-            return f"sc[{len(consts) - 1}]"
+            return f"c{len(consts) - 1}"
         name = seen.get(id(node))
         if name is not None:
             return name
@@ -185,11 +186,21 @@ def _expr(op: str, args: list[str]) -> str:
     return f"{_NB[op]}({', '.join(args)})"
 
 
-def _source(names: tuple, body: list, outs: list) -> str:
-    lines = ["def kernel(tab, sizes, sc):"]
-    lines += ["    for a in range(sizes.shape[0]):", "        n = sizes[a]"]
+def _source(names: tuple, body: list, outs: list, n_consts: int, parallel: bool) -> str:
+    """The kernel: ``kernel(tab, lo, hi, sc)`` updates elements ``lo[c]:hi[c]`` of the
+    arrays in row ``c`` of ``tab`` for every chunk ``c``; in parallel, the chunks run on
+    numba's threads."""
+    loop = "numba.prange" if parallel else "range"
+    lines = ["def kernel(tab, lo, hi, sc):"]
+    # the constants in locals: loaded once, not from memory a store might alias
+    lines += [f"    c{i} = sc[{i}]" for i in range(n_consts)]
+    lines.append(f"    for c in {loop}(tab.shape[0]):")
+    # each array from its chunk's first element, the loop from 0: an index numba knows
+    # is not negative needs no wraparound check, and the loop vectorizes
+    lines.append("        n = hi[c] - lo[c]")
+    lines.append("        skip = lo[c] * size")
     for j in range(2 + len(names)):
-        lines.append(f"        A{j} = numba.carray(_ptr(tab[a, {j}], dt), n)")
+        lines.append(f"        A{j} = numba.carray(_ptr(tab[c, {j}] + skip, dt), n)")
     lines.append("        for i in range(n):")
     lines.append("            x_p = A0[i]")
     lines.append("            x_g = A1[i]")
@@ -204,33 +215,76 @@ def _source(names: tuple, body: list, outs: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: elements per parallel work item, and the group size from which numba's threads run
+CHUNK = 1 << 16
+PARALLEL_FROM = 1 << 19
+
+
+class Kernel:
+    """One compiled element program: ``kernel(tab, sizes, sc)`` updates in place the
+    arrays whose data addresses are the rows of ``tab`` (param, grad, then each slot),
+    ``sizes`` their element counts, ``sc`` the constants. Groups of
+    :data:`PARALLEL_FROM` elements or more are cut into chunks of :data:`CHUNK`
+    elements that run on numba's threads."""
+
+    def __init__(self, src_serial: str, src_parallel: str, dtype: np.dtype):
+        self._src, self._dtype = (src_serial, src_parallel), dtype
+        self._fns: list = [None, None]
+
+    def _fn(self, parallel: bool):
+        fn = self._fns[parallel]
+        if fn is None:
+            fn = self._fns[parallel] = _compile(self._src[parallel], self._dtype, parallel)
+        return fn
+
+    def __call__(self, tab: np.ndarray, sizes: np.ndarray, sc: np.ndarray) -> None:
+        total = int(sizes.sum())
+        if total < PARALLEL_FROM or (numba_threads() < 2):
+            self._fn(False)(tab, np.zeros_like(sizes), sizes, sc)
+            return
+        # chunk c covers elements lo[c]:hi[c] of array row[c]
+        per = (sizes + CHUNK - 1) // CHUNK
+        row = np.repeat(np.arange(len(sizes)), per)
+        first = np.cumsum(per) - per
+        lo = (np.arange(len(row)) - np.repeat(first, per)) * CHUNK
+        hi = np.minimum(lo + CHUNK, sizes[row])
+        self._fn(True)(tab[row], lo, hi, sc)
+
+
+def numba_threads() -> int:
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS
+
+
 _LOCK = threading.Lock()
-_CACHE: dict = {}  # (kernel source, dtype) -> compiled kernel
+_CACHE: dict = {}  # (kernel source, dtype) -> Kernel
 
 
-def numba_kernel(rule, hp: dict, t: int, dtype) -> tuple[Callable, tuple, np.ndarray]:
+def numba_kernel(rule, hp: dict, t: int, dtype) -> tuple[Kernel, tuple, np.ndarray]:
     """``(kernel, names, constants)`` for one step of ``rule`` at ``hp`` and 1-based
-    count ``t`` on arrays of ``dtype``: ``kernel(tab, sizes, constants)`` updates in
-    place the arrays whose data addresses are in ``tab`` (one row per array: param,
-    grad, then each slot of ``names``; ``sizes`` their element counts)."""
+    count ``t`` on arrays of ``dtype``: ``kernel(tab, sizes, constants)`` (a
+    :class:`Kernel`) runs it on the arrays in ``tab``, whose rows hold the data
+    addresses of param, grad, then each slot of ``names``."""
     tr = trace(rule, hp, t)
     body, outs, consts = _emit(tr)
     dtype = np.dtype(dtype)
-    key = (_source(tr.names, body, outs), dtype.str)
+    key = (_source(tr.names, body, outs, len(consts), False), dtype.str)
     kernel = _CACHE.get(key)
     if kernel is None:
         with _LOCK:
             kernel = _CACHE.get(key)
             if kernel is None:
-                kernel = _CACHE[key] = _compile(key[0], dtype)
+                kernel = Kernel(key[0], _source(tr.names, body, outs, len(consts), True), dtype)
+                _CACHE[key] = kernel
     return kernel, tr.names, np.array(consts, dtype=dtype)
 
 
-def _compile(src: str, dtype: np.dtype) -> Callable:
+def _compile(src: str, dtype: np.dtype, parallel: bool) -> Callable:
     import numba
 
     from ._numba import _ptr
 
-    scope = {"numba": numba, "np": np, "_ptr": _ptr, "dt": dtype.type}
+    scope = {"numba": numba, "np": np, "_ptr": _ptr, "dt": dtype.type, "size": dtype.itemsize}
     exec(src, scope)  # noqa: S102 - source generated from the rule's trace
-    return numba.njit(nogil=True)(scope["kernel"])
+    return numba.njit(nogil=True, parallel=parallel, error_model="numpy")(scope["kernel"])

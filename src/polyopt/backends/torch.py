@@ -113,7 +113,8 @@ class _Kernel:
       (device, dtype), in place; ``t`` is a float32 tensor holding ``k + 1``.
     """
 
-    def __init__(self, rule, names, scalars, takes, launch):
+    def __init__(self, rule, names, scalars, takes, launch, reads_t=True):
+        self.reads_t = reads_t  # the kernel reads the step count from a tensor
         self.rule, self.names, self.scalars, self.takes, self.launch = (
             rule,
             names,
@@ -201,7 +202,12 @@ def _sgd_takes(hp):  # the kernel's decay is coupled only
 
 _ADAM = _Kernel(ADAM, _adam_names, ("lr", "weight_decay", "eps"), lambda hp: True, _launch_adam)
 _SGD = _Kernel(
-    SGD_RULE, _sgd_names, ("lr", "weight_decay", "momentum", "dampening"), _sgd_takes, _launch_sgd
+    SGD_RULE,
+    _sgd_names,
+    ("lr", "weight_decay", "momentum", "dampening"),
+    _sgd_takes,
+    _launch_sgd,
+    reads_t=False,  # is_first_step instead
 )
 _ADAGRAD = _Kernel(
     ADAGRAD,
@@ -232,7 +238,8 @@ def _plan(kernel: _Kernel, xp, params, grads, slots, hp, k, inplace):
     names = kernel.names(hp)
     whole = _whole(params, grads, [slots[n] for n in names]) if inplace else None
     if whole is not None:  # one dtype, all contiguous: the lists as they are
-        launches = [(whole, _step_tensor(k, params[0].device), params[0].dtype)]
+        t = _step_tensor(k, params[0].device) if kernel.reads_t else None
+        launches = [(whole, t, params[0].dtype)]
         out = list(params), {n: list(slots[n]) for n in names}
         return lambda: _launch_all(kernel, launches, k, hp, out)
 
@@ -277,7 +284,7 @@ def _plan(kernel: _Kernel, xp, params, grads, slots, hp, k, inplace):
         if not lists or not lists[0]:
             continue
         if dev not in steps:  # the 1-based step the kernel reads (torch.optim increments first)
-            steps[dev] = _step_tensor(k, dev)
+            steps[dev] = _step_tensor(k, dev) if kernel.reads_t else None
         launches.append((lists, steps[dev], dt))
     if inplace:
         return lambda: _launch_all(kernel, launches, k, hp, (out_p, out_s))
