@@ -284,7 +284,13 @@ def test_small_decoupled_decay_is_applied_as_the_rule_does(
 
 @pytest.mark.parametrize(
     ("name", "hp"),
-    [("rmsprop", {"centered": True, "momentum": 0.5, "weight_decay": 0.1}), ("adadelta", {})],
+    [
+        ("rmsprop", {"centered": True, "momentum": 0.5, "weight_decay": 0.1}),
+        ("adadelta", {}),
+        ("sgd", {"momentum": 0.9, "nesterov": True}),  # the derived kernel where
+        ("adagrad", {"lr_decay": 0.01}),  # torch has one too (DERIVED_ON_CPU)
+        ("adamw", {"amsgrad": True}),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_derived_kernel_on_torch_equals_generic_bit_for_bit(name, hp, dtype, monkeypatch):
@@ -296,7 +302,9 @@ def test_derived_kernel_on_torch_equals_generic_bit_for_bit(name, hp, dtype, mon
     the kernel agrees within the fused-path tolerance (float32: 4e-7 measured)."""
     pytest.importorskip("numba")
     from polyopt.backends import _derive
+    from polyopt.backends import torch as torch_backend
 
+    monkeypatch.setattr(torch_backend, "DERIVED_ON_CPU", True)
     calls = []
     real = _derive.numba_kernel
     monkeypatch.setattr(_derive, "numba_kernel", lambda *a: (calls.append(1), real(*a))[1])

@@ -379,7 +379,10 @@ class Optimizer:
         groups = self._resolve(rest, grouped) if resolved is None else resolved
         flat = [_tree.flatten(t) for t in trees]
         leaves = [leaf for lv, _ in flat for leaf in lv]
-        grad_leaves, per_group = self._grad_leaves(grads, grouped, flat)
+        if torch_grads:  # one list of .grad per group, in the groups' order
+            grad_leaves, per_group = [g for gs in grads for g in gs], True
+        else:
+            grad_leaves, per_group = self._grad_leaves(grads, grouped, flat)
         gpath = _Paths(flat, grouped, "grads", per_group)
         ppath = _Paths(flat, grouped, "params")
         xp = self._check_arrays(leaves, "params", ppath)

@@ -231,8 +231,7 @@ def _run(opt: _Adapter, grad_scale: Any, found_inf: Any) -> None:
         fresh: list = []
         buffered: list = []  # SGD: 1 where a momentum buffer exists (updated before)
         for ps, gs, hp in zip(trees, grads, hps):
-            hp0 = engine._at_step(hp, 0)
-            names = rule.slots(hp0)
+            names = rule.slots(hp)  # numbers or tensors here: torch takes no schedules
             need = frozenset(names + ("step",) if counted else names)
             missing = []
             for p, g in zip(ps, gs):
@@ -250,6 +249,7 @@ def _run(opt: _Adapter, grad_scale: Any, found_inf: Any) -> None:
             names_of += [names] * len(ps)
             if missing:
                 xp = _namespace([missing[0][1]])
+                hp0 = engine._at_step(hp, 0)
                 for i, p, s in missing:
                     # one param's slots after another, as torch allocates them: a
                     # kernel that walks param i reads its slots from nearby memory

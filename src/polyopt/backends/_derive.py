@@ -237,9 +237,16 @@ class Kernel:
             fn = self._fns[parallel] = _compile(self._src[parallel], self._dtype, parallel)
         return fn
 
+    @staticmethod
+    def _parallel(sizes: np.ndarray) -> bool:
+        return int(sizes.sum()) >= PARALLEL_FROM and numba_threads() >= 2
+
+    def ready(self, sizes: np.ndarray) -> None:
+        """Compile now the variant that ``sizes`` will run (a first call compiles)."""
+        self._fn(self._parallel(sizes))
+
     def __call__(self, tab: np.ndarray, sizes: np.ndarray, sc: np.ndarray) -> None:
-        total = int(sizes.sum())
-        if total < PARALLEL_FROM or (numba_threads() < 2):
+        if not self._parallel(sizes):
             self._fn(False)(tab, np.zeros_like(sizes), sizes, sc)
             return
         # chunk c covers elements lo[c]:hi[c] of array row[c]
