@@ -305,7 +305,7 @@ class Optimizer:
                         f"{path(i)} has unknown shape {tuple(p.shape)}; give arrays of "
                         "known shape (dask: call .compute_chunk_sizes() first)"
                     )
-        for dtype in {p.dtype for p in leaves}:  # each distinct dtype once
+        for dtype in set(map(_DTYPE, leaves)):  # each distinct dtype once
             if _xp.float_kind(xp, dtype) is None:
                 i = next(i for i, p in enumerate(leaves) if p.dtype == dtype)
                 raise TypeError(
@@ -409,7 +409,7 @@ class Optimizer:
         fast = backends.lookup(self.rule.name, _xp.backend_name(leaves[0]), self.impl)
         complex_ = (
             [_xp.float_kind(xp, p.dtype) == "complex" for p in leaves]
-            if any(_xp.float_kind(xp, dt) == "complex" for dt in {p.dtype for p in leaves})
+            if any(_xp.float_kind(xp, dt) == "complex" for dt in set(map(_DTYPE, leaves)))
             else None
         )
         counts = state.counts
@@ -840,7 +840,7 @@ def _check_limits(xp: Any, hp: dict, leaves: list, where: str) -> None:
                 big = (name, abs(x), x)
     if eps is None and (big is None or big[1] < 3.3e38):  # within every float's range
         return
-    for dt in {_xp.math_dtype(xp, d) for d in {p.dtype for p in leaves}}:
+    for dt in {_xp.math_dtype(xp, d) for d in set(map(_DTYPE, leaves))}:
         tiny, huge, name = _limits(xp, dt)
         if eps is not None and eps < tiny:
             raise ValueError(

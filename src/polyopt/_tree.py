@@ -104,7 +104,7 @@ _DEFAULT_CLS = {"list": list, "tuple": tuple, "dict": dict}
 def flatten(tree: Any) -> tuple[list, Structure]:
     leaves: list = []
     structure = _flatten(tree, leaves)
-    if _jax_loaded() and not all(_xp.is_array(x) for x in leaves):
+    if _jax_loaded() and not _arrays_only(leaves):
         # some leaf is not an array: it may be a JAX pytree node (flax's Variables...)
         jax_nodes = [x for x in leaves if _is_jax_node(x)]
         if jax_nodes:
@@ -167,6 +167,13 @@ def _is_named_pair(t: Any) -> bool:
 
 def _is_none(x: Any) -> bool:
     return x is None
+
+
+def _arrays_only(leaves: list) -> bool:
+    """Whether every leaf is an array (by type: one check per distinct type)."""
+    return all(
+        _xp.is_array(next(x for x in leaves if type(x) is t)) for t in set(map(type, leaves))
+    )
 
 
 def _jax_loaded() -> bool:

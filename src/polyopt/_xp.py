@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 from typing import Any
 
 import array_api_compat as _compat
@@ -32,8 +33,19 @@ def is_array(x: Any) -> bool:
     return False
 
 
+_BACKEND_NAMES: dict[type, str] = {}  # array type -> its library's name
+_DEVICE = operator.attrgetter("device")
+
+
 def backend_name(x: Any) -> str:
     """Short name of the library that owns array ``x`` (for messages and dispatch)."""
+    name = _BACKEND_NAMES.get(type(x))
+    if name is None:
+        name = _BACKEND_NAMES[type(x)] = _backend_name(x)
+    return name
+
+
+def _backend_name(x: Any) -> str:
     if _compat.is_numpy_array(x):
         return "numpy"
     if _compat.is_cupy_array(x):
@@ -94,7 +106,7 @@ def check_same_device(arrays: list, what: str, path: Any = None) -> None:
     """Raise ValueError naming the devices if ``arrays`` do not all live on one device."""
     if len(arrays) < 2:
         return
-    if _compat.is_torch_array(arrays[0]) and len({a.device for a in arrays}) == 1:
+    if _compat.is_torch_array(arrays[0]) and len(set(map(_DEVICE, arrays))) == 1:
         return  # torch's own attribute: the common case, without a call per array
     name = path if path is not None else (lambda i: f"{what} leaf {i}")
     first = _device_key(arrays[0])
@@ -137,7 +149,8 @@ def no_grad(xp: Any):
     if is_torch(xp):
         import torch  # already imported: a torch namespace was found
 
-        return torch.no_grad()
+        if torch.is_grad_enabled():
+            return torch.no_grad()
     return contextlib.nullcontext()
 
 
@@ -288,7 +301,7 @@ def not_writable(xp: Any, arrays: list) -> tuple[int, str] | None:
     elif is_torch(xp):
         import torch
 
-        if any(a.is_inference() for a in arrays) and not torch.is_inference_mode_enabled():
+        if any(map(torch.Tensor.is_inference, arrays)) and not torch.is_inference_mode_enabled():
             i = next(i for i, a in enumerate(arrays) if a.is_inference())
             return i, (
                 "is an inference tensor (made under torch.inference_mode()), which cannot be "

@@ -40,6 +40,7 @@ given, so a default state dict is exactly torch's.
 from __future__ import annotations
 
 import inspect
+import operator
 import threading
 import warnings
 from collections.abc import Callable
@@ -66,6 +67,7 @@ def _impl(defaults: dict) -> str:
 
 
 _EMPTY: dict = {}
+_GRAD, _SPARSE = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -207,15 +209,15 @@ def _steps(opt: _Adapter) -> _Steps:
 
 @torch._dynamo.disable
 def _run(opt: _Adapter, grad_scale: Any, found_inf: Any) -> None:
-    with opt._polyopt_lock:
+    with opt._polyopt_lock, torch.no_grad():
         engine = opt._polyopt
         rule, known, counted = engine.rule, engine.rule.defaults, type(opt)._counted
         groups = opt.param_groups
         trees = [g["params"] for g in groups]
-        grads = [[p.grad for p in ps] for ps in trees]
+        grads = [list(map(_GRAD, ps)) for ps in trees]
         if all(g is None for gs in grads for g in gs):
             return  # nothing has a gradient: nothing happens, no counter moves
-        if any(g is not None and g.is_sparse for gs in grads for g in gs):
+        if any(any(map(_SPARSE, [g for g in gs if g is not None])) for gs in grads):
             raise RuntimeError(
                 f"polyopt.torch.{type(opt).__name__} does not support sparse gradients"
             )
