@@ -498,15 +498,25 @@ def _amp_run(cls, name, kwargs, inf_at=3, steps=8):
     ],
     ids=["AdamW", "SGD", "RMSprop", "AdamW-fused", "Adam-fused", "SGD-fused", "Adagrad-fused"],
 )
-def test_grad_scaler_bf16_autocast_matches_torch(name, kwargs):
+def test_grad_scaler_bf16_autocast_matches_torch(name, kwargs, monkeypatch):
     """GradScaler with bf16 autocast: unscale_ + clip_grad_norm_ (the generic route) or,
     with fused=True, GradScaler's route for optimizers that take grad_scale/found_inf;
     an inf step is skipped (step counters included). float32 params: the same
     arithmetic in both, so rtol 1e-6."""
     ref = _amp_run(torch.optim, name, kwargs)
+    scaled = []  # with fused=True: torch's kernel gets grad_scale / found_inf itself
+    for kernel in ("_fused_adam_", "_fused_adamw_", "_fused_sgd_", "_fused_adagrad_"):
+        real = getattr(torch, kernel)
+
+        def spy(*a, _real=real, **k):
+            scaled.append(k.get("grad_scale") is not None and k.get("found_inf") is not None)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(torch, kernel, spy)
     got = _amp_run(pt, name, kwargs)
     if kwargs.get("fused"):
         assert getattr(pt, name)(_params(), **kwargs)._step_supports_amp_scaling
+        assert scaled and all(scaled)  # no host sync, no extra pass over the grads
     for a, b in zip(got[0], ref[0]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert got[1] == ref[1]
@@ -566,3 +576,28 @@ def test_error_message_names_the_group():
         p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match=re.escape("(param group 1)")):
         opt.step()
+
+
+def test_grad_scaler_fused_route_falls_back_on_the_host():
+    """fused=True with a tensor torch's kernel cannot take (a strided param): GradScaler
+    still hands grad_scale / found_inf to step; polyopt unscales and skips on the host
+    instead, and the run equals torch.optim's non-fused one (float32, rtol 1e-6)."""
+    results = []
+    for cls, kwargs in ((pt, {"fused": True}), (torch.optim, {"foreach": False})):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(4, 3).t())  # 3x4, not contiguous
+        b = torch.nn.Parameter(torch.zeros(4))
+        opt = cls.Adam([w, b], lr=0.01, **kwargs)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
+        x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+        for t in range(5):
+            opt.zero_grad()
+            scaler.scale((x @ w + b).square().mean()).backward()
+            if t == 2:
+                b.grad[0] = float("nan")  # skipped
+            scaler.step(opt)
+            scaler.update()
+        results.append((w.detach().clone(), b.detach().clone(), float(opt.state[b]["step"])))
+    for a, c in zip(results[0][:2], results[1][:2]):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7)
+    assert results[0][2] == results[1][2] == 4.0

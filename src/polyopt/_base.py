@@ -366,6 +366,7 @@ class Optimizer:
         inplace: bool = False,
         resolved: list[dict] | None = None,
         torch_grads: bool = False,
+        amp: tuple | None = None,
     ) -> Callable[[], tuple[list, OptState]]:
         """Everything a step does that can fail: checks, schedules, the new arrays (or,
         for an in-place fast path, its plan). Returns the commit: a function that
@@ -375,7 +376,9 @@ class Optimizer:
         For ``polyopt.torch``: ``resolved``, the groups' hyperparameters as
         :meth:`_resolve` gave them; ``torch_grads``, the grads are the params' ``.grad``
         (torch has checked their shape, dtype and device on assignment, and the
-        optimizer that no param is listed twice), so those checks are not repeated."""
+        optimizer that no param is listed twice), so those checks are not repeated;
+        ``amp``, GradScaler's ``(grad_scale, found_inf)`` for the fast path's kernel
+        (``backends.AmpUnsupported`` where it cannot take them)."""
         groups = self._resolve(rest, grouped) if resolved is None else resolved
         flat = [_tree.flatten(t) for t in trees]
         leaves = [leaf for lv, _ in flat for leaf in lv]
@@ -426,7 +429,7 @@ class Optimizer:
                 if whole:  # the common case: the group as it is (flat / packed state kept)
                     s_l = {name: state.slots[name][a : a + m] for name in names}
                     thunk = self._task(
-                        fast, xp, flat[gi][0], grad_leaves[a : a + m], s_l, hp_k, k, inplace
+                        fast, xp, flat[gi][0], grad_leaves[a : a + m], s_l, hp_k, k, inplace, amp
                     )
                     tasks.append((gi, None, thunk))
                     continue
@@ -439,7 +442,7 @@ class Optimizer:
                         name: [_real(xp, state.slots[name][j], c) for j, c in zip(part, views)]
                         for name in names
                     }
-                    thunk = self._task(fast, xp, p_l, g_l, s_l, hp_k, k_j, inplace)
+                    thunk = self._task(fast, xp, p_l, g_l, s_l, hp_k, k_j, inplace, amp)
                     tasks.append((gi, (part, p_l, s_l, views), thunk))
 
         def commit() -> tuple[list, OptState]:
@@ -487,10 +490,14 @@ class Optimizer:
 
         return commit
 
-    def _task(self, fast, xp, params, grads, slots, hp, k, inplace) -> Callable:
+    def _task(self, fast, xp, params, grads, slots, hp, k, inplace, amp=None) -> Callable:
         """The work for one run of arrays: a thunk giving ``(params, slots)``. Pure work
         is done now (it may fail); an in-place fast path plans now and writes in the
         thunk."""
+        if amp is not None:
+            if fast is None or not (inplace and fast.amp):
+                raise backends.AmpUnsupported(f"no fused {self.rule.name} path takes grad_scale")
+            return fast.inplace(xp, params, grads, slots, hp, k, amp=amp)
         if fast is not None:
             if inplace and fast.inplace is not None:
                 return fast.inplace(xp, params, grads, slots, hp, k)

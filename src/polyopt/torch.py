@@ -51,6 +51,7 @@ import torch
 from . import OPTIMIZERS, _base
 from . import backends as _backends
 from ._base import OptState, deferred_interrupt
+from .backends import AmpUnsupported
 
 __all__ = ["adapter"]
 
@@ -178,29 +179,42 @@ class _Steps:
         except RuntimeError:  # counters on several devices
             return [int(t) for t in steps], False
 
-    def advance(self, views: list, present: list, counts: list, mine: bool) -> None:
+    def advance(
+        self, views: list, present: list, counts: list, mine: bool, found_inf: Any = None
+    ) -> None:
         """Add one to the counter of every param updated (``present``); ``views`` are the
-        state dicts (those without a counter are skipped)."""
+        state dicts (those without a counter are skipped). ``found_inf``: GradScaler's
+        0-d tensor, nonzero when the step was skipped (then nothing moves; read on the
+        device, without a host sync)."""
         rows = [(v, x, c) for v, x, c in zip(views, present, counts) if "step" in v]
-        if mine and self.buffer is not None:
-            if all(x for _, x, _ in rows):
-                self.buffer.add_(1)
-            else:
-                mask = [1.0 if x else 0.0 for _, x, _ in rows]
-                self.buffer.add_(torch.tensor(mask, dtype=self.buffer.dtype).to(self.buffer.device))
-            return
-        first = rows[0][0]["step"]
-        if any(
-            v["step"].device != first.device or v["step"].dtype != first.dtype for v, _, _ in rows
-        ):
-            torch._foreach_add_([v["step"] for v, x, _ in rows if x], 1)  # as torch does
-            self.buffer, self.ids = None, []
-            return
-        after = [float(c + x) for _, x, c in rows]
-        self.buffer = torch.tensor(after, dtype=first.dtype, device=first.device)
-        for (v, _, _), t in zip(rows, self.buffer.unbind()):
-            v["step"] = t
-        self.ids = [id(v["step"]) for v, _, _ in rows]
+        if not (mine and self.buffer is not None):
+            first = rows[0][0]["step"]
+            if any(
+                v["step"].device != first.device or v["step"].dtype != first.dtype
+                for v, _, _ in rows
+            ):  # counters on several devices: one by one, as torch does
+                steps = [v["step"] for v, x, _ in rows if x]
+                torch._foreach_add_(steps, 1)
+                if found_inf is not None:
+                    torch._foreach_sub_(steps, [found_inf.to(s.device, s.dtype) for s in steps])
+                self.buffer, self.ids = None, []
+                return
+            # join the counters into a new buffer, at their values before this step
+            self.buffer = torch.tensor(
+                [float(c) for _, _, c in rows], dtype=first.dtype, device=first.device
+            )
+            for (v, _, _), t in zip(rows, self.buffer.unbind()):
+                v["step"] = t
+            self.ids = [id(v["step"]) for v, _, _ in rows]
+        buf = self.buffer
+        if all(x for _, x, _ in rows):
+            inc = 1 if found_inf is None else 1 - found_inf.to(buf.device, buf.dtype)
+        else:
+            inc = torch.tensor([1.0 if x else 0.0 for _, x, _ in rows], dtype=buf.dtype)
+            inc = inc.to(buf.device)
+            if found_inf is not None:
+                inc = inc * (1 - found_inf.to(buf.device, buf.dtype))
+        buf.add_(inc)
 
 
 def _steps(opt: _Adapter) -> _Steps:
@@ -278,16 +292,33 @@ def _run(opt: _Adapter, grad_scale: Any, found_inf: Any) -> None:
             counts = buffered
         k = max(counts)
         state = OptState(k, slots, None if min(counts) == k else tuple(counts))
-        if found_inf is not None and bool(found_inf.item()):
-            return  # GradScaler found an inf/NaN: the step is skipped, counters too
-        if grad_scale is not None:  # GradScaler's fused route: unscale the grads now
-            inv = 1.0 / grad_scale.double().item()
-            grads = [[None if g is None else g * inv for g in gs] for gs in grads]
-        commit = engine._prepare(
-            trees, rests, True, grads, state, inplace=True, resolved=hps, torch_grads=True
-        )
+        commit, on_device = None, False
+        if grad_scale is not None or found_inf is not None:
+            try:  # GradScaler's route for fused kernels: they unscale and skip themselves
+                commit = engine._prepare(
+                    trees,
+                    rests,
+                    True,
+                    grads,
+                    state,
+                    inplace=True,
+                    resolved=hps,
+                    torch_grads=True,
+                    amp=(grad_scale, found_inf),
+                )
+                on_device = True
+            except AmpUnsupported:  # tensors the kernel does not take: on the host
+                if found_inf is not None and bool(found_inf.item()):
+                    return  # an inf/NaN gradient: the step is skipped, counters too
+                if grad_scale is not None:
+                    inv = 1.0 / grad_scale.double().item()
+                    grads = [[None if g is None else g * inv for g in gs] for gs in grads]
+        if commit is None:
+            commit = engine._prepare(
+                trees, rests, True, grads, state, inplace=True, resolved=hps, torch_grads=True
+            )
         with deferred_interrupt():
-            if grad_scale is not None:  # torch's fused kernels leave the grads unscaled too
+            if grad_scale is not None and not on_device:  # unscaled, as the kernel leaves them
                 for ps, gs in zip(trees, grads):
                     for p, g in zip(ps, gs):
                         if g is not None:
@@ -298,7 +329,8 @@ def _run(opt: _Adapter, grad_scale: Any, found_inf: Any) -> None:
                     if x and new is not None and v.get(name) is not new:
                         v[name] = new  # the param's state dict (or its new entry)
             if counted:
-                _steps(opt).advance(views, present, counts, mine and not fresh)
+                skipped = found_inf if on_device else None
+                _steps(opt).advance(views, present, counts, mine and not fresh, skipped)
             for p, entry in fresh:
                 opt.state[p].update(entry)
 

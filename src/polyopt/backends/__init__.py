@@ -21,6 +21,8 @@ A :class:`FastPath` has
   returned ``commit()`` then writes and returns ``(params, slots)`` like ``pure``, and
   must not fail, so that a step is all-or-nothing across groups. Without it the engine
   runs ``pure`` and writes the results itself.
+- ``amp``: whether ``inplace`` also takes ``amp=(grad_scale, found_inf)`` (torch's
+  GradScaler; see :class:`AmpUnsupported`).
 - ``init(xp, params, names) -> slots`` (optional): the state of a group as
   ``{name: sequence}``, e.g. views into one flat buffer per slot so that one kernel
   launch can update them all, or (JAX, whose arrays cannot be views) a
@@ -46,6 +48,15 @@ class FastPath:
     pure: Callable
     inplace: Callable | None = None
     init: Callable | None = None
+    amp: bool = False  # inplace takes amp=(grad_scale, found_inf): see AmpUnsupported
+
+
+class AmpUnsupported(Exception):
+    """Raised by an in-place fast path asked to take ``amp=(grad_scale, found_inf)``
+    (``torch.amp.GradScaler``'s route for fused optimizers: the kernel divides the
+    grads by ``grad_scale`` and leaves everything as it was where ``found_inf`` is
+    nonzero, on the device, without a host sync) for arrays or hyperparameters its
+    kernel cannot take. Nothing has changed; the caller takes another route."""
 
 
 #: (rule name, backend name) -> fast path. Filled by the backend modules, which are

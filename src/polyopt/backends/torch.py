@@ -69,7 +69,7 @@ from ..rules.adagrad import ADAGRAD
 from ..rules.adam import ADAM
 from ..rules.rmsprop import RMSPROP
 from ..rules.sgd import SGD_RULE
-from . import FastPath, _derive, register
+from . import AmpUnsupported, FastPath, _derive, register
 
 _FUSED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
@@ -144,14 +144,15 @@ def _adam_names(hp):
     return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] else ())
 
 
-def _launch_adam(lists, t, k, hp, dtype):
+def _launch_adam(lists, t, k, hp, dtype, amp=(None, None)):
     ps, gs, ms, vs, *rest = lists
     maxs = rest[0] if rest else []
     b1, b2 = hp["betas"]
     lr, wd = float(hp["lr"]), float(hp["weight_decay"])
     decoupled = bool(hp["decoupled_weight_decay"])
-    separate_decay = (
+    separate_decay = (  # not with GradScaler: a skipped step must not decay either
         decoupled
+        and amp == (None, None)
         and lr * wd > 0
         and dtype in (torch.float32, torch.float64)
         and _kernel_decay_error(lr * wd, dtype) > DECAY_RTOL
@@ -173,6 +174,8 @@ def _launch_adam(lists, t, k, hp, dtype):
         eps=float(hp["eps"]),
         amsgrad=bool(hp["amsgrad"]),
         maximize=bool(hp["maximize"]),
+        grad_scale=amp[0],
+        found_inf=amp[1],
     )
 
 
@@ -180,7 +183,7 @@ def _sgd_names(hp):
     return SGD_RULE.slots(hp)
 
 
-def _launch_sgd(lists, t, k, hp, dtype):
+def _launch_sgd(lists, t, k, hp, dtype, amp=(None, None)):
     ps, gs, *bufs = lists
     torch._fused_sgd_(
         ps,
@@ -193,10 +196,12 @@ def _launch_sgd(lists, t, k, hp, dtype):
         nesterov=bool(hp["nesterov"]),
         maximize=bool(hp["maximize"]),
         is_first_step=k == 0,
+        grad_scale=amp[0],
+        found_inf=amp[1],
     )
 
 
-def _launch_adagrad(lists, t, k, hp, dtype):
+def _launch_adagrad(lists, t, k, hp, dtype, amp=(None, None)):
     ps, gs, sums = lists
     torch._fused_adagrad_(
         ps,
@@ -208,6 +213,8 @@ def _launch_adagrad(lists, t, k, hp, dtype):
         weight_decay=float(hp["weight_decay"]),
         eps=float(hp["eps"]),
         maximize=bool(hp["maximize"]),
+        grad_scale=amp[0],
+        found_inf=amp[1],
     )
 
 
@@ -241,17 +248,25 @@ def _host_scalars(kernel: _Kernel, hp: dict, k: Any) -> bool:
 _NEW = object()
 
 
-def _plan(kernel: _Kernel, xp, params, grads, slots, hp, k, inplace):
+def _plan(kernel: _Kernel, xp, params, grads, slots, hp, k, inplace, amp=None):
     """One update of a run of arrays with ``kernel`` (see the module docstring): the
     lists for the kernel and the generic math for the tensors it cannot take are made
     now; the returned commit runs the kernel (in place) and returns ``(params, slots)``."""
     generic = kernel.generic
     if not _host_scalars(kernel, hp, k) or not kernel.takes(hp):
+        if amp is not None:
+            raise AmpUnsupported("hyperparameters the kernel does not take")
         result = generic._step_group(xp, params, grads, slots, hp, k)
         return lambda: result
 
     names = kernel.names(hp)
     whole = _whole(kernel, params, grads, [slots[n] for n in names]) if inplace else None
+    if amp is not None:  # every tensor in torch's kernel, which unscales and skips itself
+        if whole is None or kernel.launch is None or _uses_derived(kernel, params[0]):
+            raise AmpUnsupported("tensors torch's kernel does not take")
+        launch = _launch_for(kernel, whole, params[0].device, params[0].dtype, k, hp, amp)
+        out = list(params), {n: list(slots[n]) for n in names}
+        return lambda: _launch_all([launch], out)
     if whole is not None:  # one dtype, all contiguous: the lists as they are
         launches = [_launch_for(kernel, whole, params[0].device, params[0].dtype, k, hp)]
         out = list(params), {n: list(slots[n]) for n in names}
@@ -320,7 +335,11 @@ def _whole(kernel, params, grads, columns) -> list | None:
     return [list(params), list(grads), *[list(c) for c in columns]]
 
 
-def _launch_for(kernel, lists, device, dtype, k, hp) -> Callable[[], None]:
+def _uses_derived(kernel, p) -> bool:
+    return _derived_takes(p.device, p.dtype) and (kernel.launch is None or DERIVED_ON_CPU)
+
+
+def _launch_for(kernel, lists, device, dtype, k, hp, amp=None) -> Callable[[], None]:
     """One launch over ``lists`` (``[params, grads, *slots]`` of one device and dtype),
     made ready now (compiled, its tables built) and run by the commit: the kernel
     derived from the rule on CPU (see ``DERIVED_ON_CPU``), else torch's."""
@@ -342,7 +361,10 @@ def _launch_for(kernel, lists, device, dtype, k, hp) -> Callable[[], None]:
         return run
     # the 1-based step the kernel reads (torch.optim increments its counters first)
     t = _step_tensor(k, device) if kernel.reads_t else None
-    return lambda: kernel.launch(lists, t, k, hp, dtype)
+    if amp is None:
+        return lambda: kernel.launch(lists, t, k, hp, dtype)
+    on_device = tuple(None if x is None else x.to(device, non_blocking=True) for x in amp)
+    return lambda: kernel.launch(lists, t, k, hp, dtype, on_device)
 
 
 def _step_tensor(k, device) -> torch.Tensor:
@@ -359,10 +381,10 @@ def _fast_path(kernel: _Kernel) -> FastPath:
     def pure(xp, params, grads, slots, hp, k):
         return _plan(kernel, xp, params, grads, slots, hp, k, False)()
 
-    def inplace(xp, params, grads, slots, hp, k):
-        return _plan(kernel, xp, params, grads, slots, hp, k, True)
+    def inplace(xp, params, grads, slots, hp, k, amp=None):
+        return _plan(kernel, xp, params, grads, slots, hp, k, True, amp)
 
-    return FastPath(pure, inplace)
+    return FastPath(pure, inplace, amp=kernel.launch is not None)
 
 
 # RMSprop and Adadelta: no torch kernel, the derived one only (CPU)
