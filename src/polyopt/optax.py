@@ -1,0 +1,189 @@
+"""polyopt's optimizers as optax ``GradientTransformation``\\ s.
+
+::
+
+    import optax, polyopt.optax
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     polyopt.optax.adamw(lr=1e-3, weight_decay=1e-2, mask=decay_mask))
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)   # optax's argument order
+    params = optax.apply_updates(params, updates)
+
+Every optimizer of :data:`polyopt.OPTIMIZERS` is here under its functional name
+(``sgd``, ``adagrad``, ``rmsprop``, ``adadelta``, ``adam``, ``adamw``...), built by
+:func:`transformation` from the same factory as ``polyopt.adamw``: the same
+hyperparameter names and torch's defaults (note optax's ``adamw`` decays by 1e-4 by
+default, torch's and polyopt's by 1e-2), the same rule and the same JAX fast path.
+``update`` runs polyopt's step on ``(params, updates)`` and returns ``new − params`` as
+the updates, so that ``optax.apply_updates`` gives polyopt's new params; XLA fuses the
+subtraction into the step. The state is polyopt's :class:`~polyopt.OptState` (a
+pytree: it jits, vmaps, donates, shards and serializes with flax and Orbax).
+
+``params`` must be passed to ``update`` (polyopt's rules read them: weight decay,
+the update itself). ``mask`` (for optimizers with ``weight_decay``): a pytree of bools
+with the structure of params, or a function of params returning one, as for
+``optax.adamw``: weight decay applies only where it is True. ``lr`` (and
+``weight_decay``) may be numbers, 0-d arrays (so ``optax.inject_hyperparams`` and
+``jax.vmap`` over learning rates work), polyopt schedules or optax schedules: both are
+functions of the 0-based update count.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from . import OPTIMIZERS, _base
+from . import flat as _flat
+
+__all__ = ["transformation"]
+
+
+def _register_serialization() -> None:
+    """flax.serialization (and through it Orbax's pytree checkpoints) for the packed
+    state of polyopt's JAX fast path."""
+    _flat.register_jax()
+    try:
+        from flax import serialization
+    except ImportError:  # flax is optional
+        return
+    if _flat.Packed in getattr(serialization, "_STATE_DICT_REGISTRY", {}):
+        return
+
+    def to_state(p: _flat.Packed) -> dict:
+        return {str(i): serialization.to_state_dict(x) for i, x in enumerate(p.parts)}
+
+    def from_state(target: _flat.Packed, state: dict) -> _flat.Packed:
+        parts = [
+            serialization.from_state_dict(x, state[str(i)]) for i, x in enumerate(target.parts)
+        ]
+        return _flat.Packed(parts, target.tails)
+
+    serialization.register_serialization_state(_flat.Packed, to_state, from_state)
+
+
+_register_serialization()
+
+
+def _split(mask_leaves: list, leaves: list) -> tuple[list, list]:
+    on = [x for x, m in zip(leaves, mask_leaves) if m]
+    off = [x for x, m in zip(leaves, mask_leaves) if not m]
+    return on, off
+
+
+def _mask_leaves(mask: Any, params: Any, n: int) -> list:
+    m = mask(params) if callable(mask) else mask
+    leaves = jax.tree_util.tree_leaves(m)
+    if len(leaves) != n:
+        raise ValueError(
+            f"mask must have the structure of params ({n} arrays), got {len(leaves)} leaves"
+        )
+    out = []
+    for i, x in enumerate(leaves):
+        if not isinstance(x, bool):
+            try:
+                x = bool(x)
+            except Exception:  # a traced value: the mask must be known when tracing
+                raise TypeError(
+                    f"mask leaf {i} must be a Python bool (known when tracing), got {x!r:.60}"
+                ) from None
+        out.append(x)
+    return out
+
+
+def transformation(factory: Callable[..., _base.Optimizer]) -> Callable:
+    """The optax form of one polyopt optimizer.
+
+    Args:
+        factory: the functional factory (``polyopt.adamw``).
+
+    Returns:
+        A function with the factory's hyperparameters (and ``mask`` where it has
+        ``weight_decay``) returning an ``optax.GradientTransformationExtraArgs``.
+    """
+    sig = inspect.signature(factory)
+    has_decay = "weight_decay" in sig.parameters
+
+    def make(*args: Any, mask: Any = None, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+        if mask is not None and not has_decay:
+            raise TypeError(f"{factory.__name__} has no weight_decay to mask")
+        opt = factory(*args, **kwargs)  # every hyperparameter checked here
+        if mask is None:
+            return _plain(opt)
+        return _masked(opt, mask)
+
+    params = [p for p in sig.parameters.values()]
+    if has_decay:
+        params.append(inspect.Parameter("mask", inspect.Parameter.KEYWORD_ONLY, default=None))
+    make.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    make.__name__ = make.__qualname__ = factory.__name__
+    make.__module__ = __name__
+    make.__doc__ = (
+        f"optax form of :func:`polyopt.{factory.__name__}` (see :mod:`polyopt.optax`): "
+        "returns an ``optax.GradientTransformationExtraArgs``.\n\n" + (factory.__doc__ or "")
+    )
+    return make
+
+
+def _need_params(params: Any, name: str) -> None:
+    if params is None:
+        raise ValueError(
+            f"polyopt.optax.{name}: update(updates, state, params) needs params (the rule "
+            "reads them); pass them as optax.chain passes them"
+        )
+
+
+def _delta(new: Any, old: Any) -> Any:
+    return jax.tree_util.tree_map(lambda n, o: n - o, new, old)
+
+
+def _plain(opt: _base.Optimizer) -> optax.GradientTransformationExtraArgs:
+    def init(params: Any) -> _base.OptState:
+        return opt.init(params)
+
+    def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple:
+        _need_params(params, opt.rule.name)
+        new_params, new_state = opt.update(params, updates, state)
+        return _delta(new_params, params), new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _masked(opt: _base.Optimizer, mask: Any) -> optax.GradientTransformationExtraArgs:
+    """Weight decay only where ``mask`` is True: two parameter groups, the second with
+    ``weight_decay=0``, over the params' leaves in their flattening order."""
+
+    def groups(leaves: list, m: list) -> list:
+        on, off = _split(m, leaves)
+        return [{"params": on}, {"params": off, "weight_decay": 0.0}]
+
+    def init(params: Any) -> _base.OptState:
+        leaves = jax.tree_util.tree_leaves(params)
+        return opt.init(groups(leaves, _mask_leaves(mask, params, len(leaves))))
+
+    def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple:
+        _need_params(params, opt.rule.name)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        m = _mask_leaves(mask, params, len(leaves))
+        g_leaves = treedef.flatten_up_to(updates)
+        on_g, off_g = _split(m, g_leaves)
+        new_groups, new_state = opt.update(groups(leaves, m), [on_g, off_g], state)
+        new_on, new_off = iter(new_groups[0]["params"]), iter(new_groups[1]["params"])
+        new_leaves = [next(new_on) if x else next(new_off) for x in m]
+        return _delta(jax.tree_util.tree_unflatten(treedef, new_leaves), params), new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _transformations() -> dict[str, Callable]:
+    return {name: transformation(factory) for name, (factory, _) in OPTIMIZERS.items()}
+
+
+globals().update(_transformations())
+__all__ += sorted(OPTIMIZERS)
+del functools
