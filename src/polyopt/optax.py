@@ -77,12 +77,28 @@ def _split(mask_leaves: list, leaves: list) -> tuple[list, list]:
 
 
 def _mask_leaves(mask: Any, params: Any, n: int) -> list:
+    """One Python bool per params leaf. ``mask`` (or ``mask(params)``) has the structure
+    of params or a prefix of it, as for ``optax.masked``: a bool stands for every array
+    of its subtree."""
     m = mask(params) if callable(mask) else mask
-    leaves = jax.tree_util.tree_leaves(m)
-    if len(leaves) != n:
-        raise ValueError(
-            f"mask must have the structure of params ({n} arrays), got {len(leaves)} leaves"
+    try:
+        per_leaf = jax.tree_util.tree_map(
+            lambda flag, sub: [flag] * len(jax.tree_util.tree_leaves(sub)),
+            m,
+            params,
+            is_leaf=lambda x: isinstance(x, bool) or x is None,
         )
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"mask must have the structure of params (or a prefix of it): {e}"
+        ) from None
+    leaves = [
+        flag
+        for flags in jax.tree_util.tree_leaves(per_leaf, is_leaf=lambda x: isinstance(x, list))
+        for flag in flags
+    ]
+    if len(leaves) != n:
+        raise ValueError(f"mask must have the structure of params ({n} arrays), got {len(leaves)}")
     out = []
     for i, x in enumerate(leaves):
         if not isinstance(x, bool):
@@ -94,6 +110,17 @@ def _mask_leaves(mask: Any, params: Any, n: int) -> list:
                 ) from None
         out.append(x)
     return out
+
+
+def _check_params(params: Any, name: str) -> None:
+    if not any(hasattr(x, "shape") for x in jax.tree_util.tree_leaves(params)):
+        raise TypeError(
+            f"polyopt.optax.{name}.init needs params (arrays), got {type(params).__name__}. "
+            "(optax.tree_map_params initializes with a placeholder to find params-shaped "
+            "trees in the state; polyopt's state keeps each slot as one sequence over the "
+            "params' arrays, packed into buffers for speed, so there are none: map over "
+            "state.slots[name] instead.)"
+        )
 
 
 def transformation(factory: Callable[..., _base.Optimizer]) -> Callable:
@@ -120,7 +147,9 @@ def transformation(factory: Callable[..., _base.Optimizer]) -> Callable:
     params = [p for p in sig.parameters.values()]
     if has_decay:
         params.append(inspect.Parameter("mask", inspect.Parameter.KEYWORD_ONLY, default=None))
-    make.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    make.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=params, return_annotation=optax.GradientTransformationExtraArgs
+    )
     make.__name__ = make.__qualname__ = factory.__name__
     make.__module__ = __name__
     make.__doc__ = (
@@ -144,6 +173,7 @@ def _delta(new: Any, old: Any) -> Any:
 
 def _plain(opt: _base.Optimizer) -> optax.GradientTransformationExtraArgs:
     def init(params: Any) -> _base.OptState:
+        _check_params(params, opt.rule.name)
         return opt.init(params)
 
     def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple:
@@ -163,6 +193,7 @@ def _masked(opt: _base.Optimizer, mask: Any) -> optax.GradientTransformationExtr
         return [{"params": on}, {"params": off, "weight_decay": 0.0}]
 
     def init(params: Any) -> _base.OptState:
+        _check_params(params, opt.rule.name)
         leaves = jax.tree_util.tree_leaves(params)
         return opt.init(groups(leaves, _mask_leaves(mask, params, len(leaves))))
 
