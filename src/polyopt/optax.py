@@ -112,6 +112,15 @@ def _mask_leaves(mask: Any, params: Any, n: int) -> list:
     return out
 
 
+def _empty(params: Any) -> bool:
+    """No arrays at all: a subtree optax.masked or multi_transform hands over empty.
+    (Not optax.tree_map_params' placeholder, which is empty too: see _check_params.)"""
+    return not jax.tree_util.tree_leaves(params) and type(params).__name__ != "_ParamsPlaceholder"
+
+
+_EMPTY_STATE = _base.OptState(0, {})
+
+
 def _check_params(params: Any, name: str) -> None:
     if not any(hasattr(x, "shape") for x in jax.tree_util.tree_leaves(params)):
         raise TypeError(
@@ -173,10 +182,14 @@ def _delta(new: Any, old: Any) -> Any:
 
 def _plain(opt: _base.Optimizer) -> optax.GradientTransformationExtraArgs:
     def init(params: Any) -> _base.OptState:
+        if _empty(params):
+            return _EMPTY_STATE
         _check_params(params, opt.rule.name)
         return opt.init(params)
 
     def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple:
+        if _empty(updates):
+            return updates, state
         _need_params(params, opt.rule.name)
         new_params, new_state = opt.update(params, updates, state)
         return _delta(new_params, params), new_state
@@ -193,11 +206,15 @@ def _masked(opt: _base.Optimizer, mask: Any) -> optax.GradientTransformationExtr
         return [{"params": on}, {"params": off, "weight_decay": 0.0}]
 
     def init(params: Any) -> _base.OptState:
+        if _empty(params):
+            return _EMPTY_STATE
         _check_params(params, opt.rule.name)
         leaves = jax.tree_util.tree_leaves(params)
         return opt.init(groups(leaves, _mask_leaves(mask, params, len(leaves))))
 
     def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple:
+        if _empty(updates):
+            return updates, state
         _need_params(params, opt.rule.name)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         m = _mask_leaves(mask, params, len(leaves))
