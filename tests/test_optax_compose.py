@@ -559,8 +559,8 @@ def test_adam_difference_is_optax_beta2_rounding():
     raises=TypeError,
     reason="optax.tree.map_params calls init() on a params placeholder (an empty pytree) "
     "and maps f over the state's subtrees that stand where the placeholder went; "
-    "polyopt.optax's init rejects an empty structure, and its state holds per-slot "
-    "tuples/packed buffers, not params-shaped subtrees, so there is nothing to map over",
+    "polyopt's state holds per-slot tuples/packed buffers, not params-shaped subtrees, "
+    "so polyopt.optax's init refuses the placeholder with a TypeError that says so",
 )
 def test_tree_map_params():
     tx = optax.chain(clip(), po.adamw(lr=LR, weight_decay=WD))
