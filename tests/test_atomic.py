@@ -217,6 +217,8 @@ def _interrupt_at(n, action):
     # Python's own Ctrl-C handler, whatever another test or library installed in this
     # process (the test is about polyopt holding back KeyboardInterrupt, not about them)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    # and SIGINT not blocked in this thread (a library may have blocked it)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     sys.settrace(tracer)
     try:
         action()
@@ -224,6 +226,7 @@ def _interrupt_at(n, action):
         interrupted = True
     finally:
         sys.settrace(None)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if previous is not None:  # None: a handler installed outside Python, not restorable
             signal.signal(signal.SIGINT, previous)
     return seen[0], interrupted
