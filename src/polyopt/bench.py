@@ -202,6 +202,11 @@ def _optax(pb: Problem) -> Callable[[], None]:
     jax, params, grads = _jax_arrays(pb)
     b1, b2 = HP["betas"]
     tx = optax.adamw(HP["lr"], b1=b1, b2=b2, eps=HP["eps"], weight_decay=HP["weight_decay"])
+    return _optax_step(jax, optax, tx, params, grads)
+
+
+def _optax_step(jax, optax, tx, params, grads) -> Callable[[], None]:
+    """One jitted step of the optax transformation ``tx`` (params and state donated)."""
 
     def update(p, g, s):
         u, s = tx.update(g, s, p)
@@ -259,19 +264,7 @@ def _optax_chain(polyopt_twin: bool) -> Callable:
                 HP["lr"], b1=b1, b2=b2, eps=HP["eps"], weight_decay=HP["weight_decay"]
             )
         tx = optax.chain(optax.clip_by_global_norm(1.0), inner)
-
-        def update(p, g, s):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-
-        update = jax.jit(update, donate_argnums=(0, 2))
-        box = [params, tx.init(params)]
-
-        def step():
-            box[0], box[1] = update(box[0], grads, box[1])
-            jax.block_until_ready(box[0])
-
-        return step
+        return _optax_step(jax, optax, tx, params, grads)
 
     return build
 
