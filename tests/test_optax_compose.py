@@ -554,27 +554,105 @@ def test_adam_difference_is_optax_beta2_rounding():
 # -- 6. optax.tree.map_params -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="optax.tree.map_params calls init() on a params placeholder (an empty pytree) "
-    "and maps f over the state's subtrees that stand where the placeholder went; "
-    "polyopt's state holds per-slot tuples/packed buffers, not params-shaped subtrees, "
-    "so polyopt.optax's init refuses the placeholder with a TypeError that says so",
-)
-def test_tree_map_params():
+def _map_params_cases():
+    """(polyopt chain, optax twin, {polyopt slot: optax field}); ``impl="generic"``
+    keeps polyopt's state per array, so each slot is a tree shaped like params."""
+    return {
+        "chain(clip, adamw(mask), generic)": (
+            optax.chain(clip(), po.adamw(lr=LR, weight_decay=WD, mask=W_MASK, impl="generic")),
+            optax.chain(clip(), optax.adamw(LR, weight_decay=WD, mask=W_MASK)),
+            {"exp_avg": "mu", "exp_avg_sq": "nu"},
+        ),
+        "sgd(momentum)": (
+            po.sgd(lr=5e-2, momentum=0.9),
+            optax.sgd(5e-2, momentum=0.9),
+            {"momentum_buffer": "trace"},
+        ),
+    }
+
+
+def _find(state, field):
+    """The first value of ``field`` in optax's (nested tuple) state."""
+    hits = optax.tree_utils.tree_get_all_with_path(state, field)
+    assert hits, field
+    return hits[0][1]
+
+
+@pytest.mark.parametrize("case", list(_map_params_cases()))
+def test_tree_map_params_equals_optax_twin(case):
+    """optax.tree.map_params(tx, f, state, *rest) maps f over every params-shaped tree in
+    the state: for polyopt (per-array state) those are the slots, and the result equals
+    the same map over optax's twin after 100 training steps (f scales each array by a
+    per-param factor from ``rest``; ``transform_non_params`` replaces everything else)."""
+    tx, twin, fields = _map_params_cases()[case]
+    ours, ref = run(tx), run(twin)
+    scale = jax.tree.map(lambda p: jnp.full(p.shape, 1.0 + p.ndim, jnp.float32), PARAMS0)
+
+    def f(x, s):
+        return x * s
+
+    def other(_):
+        return "not params"
+
+    a = optax.tree.map_params(tx, f, ours.states[-1], scale, transform_non_params=other)
+    b = optax.tree.map_params(twin, f, ref.states[-1], scale, transform_non_params=other)
+    inner = [x for x in jax.tree.leaves(a, is_leaf=lambda x: isinstance(x, polyopt.OptState))
+             if isinstance(x, polyopt.OptState)][0]
+    assert inner.step == "not params" and inner.counts == "not params"
+    for slot, field in fields.items():
+        mine, theirs = inner.slots[slot], _find(b, field)
+        assert jax.tree.structure(mine) == jax.tree.structure(PARAMS0)
+        np.testing.assert_allclose(flat([mine]), flat([theirs]), rtol=RTOL, atol=ATOL)
+    # and the unmapped slots are the param-shaped trees themselves
+    raw = [x for x in jax.tree.leaves(ours.states[-1],
+                                      is_leaf=lambda x: isinstance(x, polyopt.OptState))
+           if isinstance(x, polyopt.OptState)][0]
+    for slot in fields:
+        np.testing.assert_array_equal(
+            flat([inner.slots[slot]]), flat([jax.tree.map(f, raw.slots[slot], scale)])
+        )
+
+
+def test_tree_map_params_refused_on_packed_state():
+    """The JAX fast path (impl="auto" for Adam/AdamW) packs the slots of runs of small
+    arrays into shared buffers: no params-shaped tree to map over, so init on the
+    placeholder says so and names the way out, rather than mapping f over buffers."""
     tx = optax.chain(clip(), po.adamw(lr=LR, weight_decay=WD))
     state = tx.init(PARAMS0)
-    zeroed = optax.tree.map_params(tx, jnp.zeros_like, state)
-    inner = zeroed[1]
-    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(inner.slots))
+    with pytest.raises(TypeError, match=r"impl='generic'"):
+        optax.tree.map_params(tx, jnp.zeros_like, state)
+
+
+def test_nnx_partition_specs_follow_params():
+    """flax nnx copies each param's metadata to the state trees shaped like it:
+    with per-array state, polyopt's slots carry the params' sharding annotations
+    exactly as optax's mu and nu do."""
+    nnx = pytest.importorskip("flax.nnx")
+    mesh = jax.make_mesh((1,), ("model",))
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "model"))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(3, 4, kernel_init=init, rngs=rngs)
+            self.b = nnx.Linear(4, 1, rngs=rngs)
+
+    def specs(tx):
+        model = Net(nnx.Rngs(0))
+        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        state = nnx.state(opt, nnx.optimizer.OptState)
+        return nnx.to_pure_dict(nnx.get_partition_spec(state))["opt_state"]
+
+    with jax.set_mesh(mesh):
+        ours = specs(po.adamw(lr=LR, impl="generic"))["slots"]
+        theirs = specs(optax.adamw(LR))[0]
+    assert theirs["mu"]["a"]["kernel"] == jax.P(None, "model")  # the annotation is there
+    assert ours["exp_avg"] == theirs["mu"]
+    assert ours["exp_avg_sq"] == theirs["nu"]
 
 
 def test_state_maps_with_jax_tree_map():
-    """What works instead of map_params: polyopt's state is a plain pytree, so
-    ``jax.tree.map`` over it (e.g. to build a sharding spec for every state array) keeps
-    its structure, inside a composition too. (Per-param specs cannot be read off it: the
-    JAX fast path packs each slot of all params into one buffer.)"""
+    """polyopt's state is a plain pytree, packed or not: ``jax.tree.map`` over it keeps
+    its structure, inside a composition too, and the result steps."""
     tx = optax.chain(clip(), po.adamw(lr=LR, weight_decay=WD, mask=W_MASK))
     state = tx.init(PARAMS0)
     zeroed = jax.tree.map(jnp.zeros_like, state)

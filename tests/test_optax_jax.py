@@ -464,11 +464,6 @@ SHARDING_SCRIPT = textwrap.dedent(
             state, is_leaf=lambda x: isinstance(x, polyopt.OptState))
             if isinstance(s, polyopt.OptState)][0]
 
-    def owners(name, keys):  # the param each slot array belongs to, in slot order
-        if name == "adamw-masked":  # two groups: decayed arrays first, then the others
-            return [k for k in keys if MASK[k]] + [k for k in keys if not MASK[k]]
-        return keys
-
     def check(name, p, s, shard, when):
         keys = sorted(shard)
         bad = []
@@ -477,12 +472,15 @@ SHARDING_SCRIPT = textwrap.dedent(
                 bad.append(f"{when} params[{k}]: {p[k].sharding}")
         st = inner(s)
         n = 0
-        for slot, arrays in st.slots.items():
-            if isinstance(arrays, Packed):
+        for slot, tree in st.slots.items():  # per-array state: trees shaped like params
+            if isinstance(tree, Packed):
                 bad.append(f"{when} {slot}: packed on a sharded model")
-            if len(arrays) != len(keys):
-                bad.append(f"{when} {slot}: {len(arrays)} arrays for {len(keys)} params")
-            for k, a in zip(owners(name, keys), arrays):
+                continue
+            if sorted(tree) != keys:
+                bad.append(f"{when} {slot}: keys {sorted(tree)} for params {keys}")
+                continue
+            for k in keys:
+                a = tree[k]
                 if a is None:
                     continue
                 n += 1

@@ -17,7 +17,10 @@ default, torch's and polyopt's by 1e-2), the same rule and the same JAX fast pat
 ``update`` runs polyopt's step on ``(params, updates)`` and returns ``new − params`` as
 the updates, so that ``optax.apply_updates`` gives polyopt's new params; XLA fuses the
 subtraction into the step. The state is polyopt's :class:`~polyopt.OptState` (a
-pytree: it jits, vmaps, donates, shards and serializes with flax and Orbax).
+pytree: it jits, vmaps, donates, shards and serializes with flax and Orbax), each slot a
+tree shaped like params (so ``optax.tree_map_params`` and flax nnx's sharding metadata
+apply), except where the JAX fast path packs runs of small arrays into shared buffers
+(Adam/AdamW, ``impl="auto"``; ``impl="generic"`` keeps every slot per array).
 
 ``params`` must be passed to ``update`` (polyopt's rules read them: weight decay,
 the update itself). ``mask`` (for optimizers with ``weight_decay``): a pytree of bools
@@ -38,7 +41,7 @@ from typing import Any
 import jax
 import optax
 
-from . import OPTIMIZERS, _base
+from . import OPTIMIZERS, _base, backends
 from . import flat as _flat
 
 __all__ = ["transformation"]
@@ -114,8 +117,8 @@ def _mask_leaves(mask: Any, params: Any, n: int) -> list:
 
 def _empty(params: Any) -> bool:
     """No arrays at all: a subtree optax.masked or multi_transform hands over empty.
-    (Not optax.tree_map_params' placeholder, which is empty too: see _check_params.)"""
-    return not jax.tree_util.tree_leaves(params) and type(params).__name__ != "_ParamsPlaceholder"
+    (Not optax.tree_map_params' placeholder, which is empty too.)"""
+    return not jax.tree_util.tree_leaves(params) and not _is_placeholder(params)
 
 
 _EMPTY_STATE = _base.OptState(0, {})
@@ -124,12 +127,58 @@ _EMPTY_STATE = _base.OptState(0, {})
 def _check_params(params: Any, name: str) -> None:
     if not any(hasattr(x, "shape") for x in jax.tree_util.tree_leaves(params)):
         raise TypeError(
-            f"polyopt.optax.{name}.init needs params (arrays), got {type(params).__name__}. "
-            "(optax.tree_map_params initializes with a placeholder to find params-shaped "
-            "trees in the state; polyopt's state keeps each slot as one sequence over the "
-            "params' arrays, packed into buffers for speed, so there are none: map over "
-            "state.slots[name] instead.)"
+            f"polyopt.optax.{name}.init needs params (arrays), got {type(params).__name__}"
         )
+
+
+def _is_placeholder(params: Any) -> bool:
+    return type(params).__name__ == "_ParamsPlaceholder"
+
+
+def _placeholder_state(opt: _base.Optimizer, placeholder: Any) -> _base.OptState:
+    """``init`` on ``optax.tree_map_params``' placeholder: the state's structure with
+    the placeholder where each slot's params-shaped tree stands."""
+    fast = backends.lookup(opt.rule.name, "jax", opt.impl)
+    if fast is not None and fast.init is not None:
+        raise TypeError(
+            f"optax.tree_map_params: polyopt.optax.{opt.rule.name}(impl={opt.impl!r}) keeps "
+            "the state of runs of small arrays in shared buffers (the JAX fast path), so "
+            "its slots are not trees shaped like params; build it with impl='generic' "
+            "for per-array state that tree_map_params (and nnx's partition specs) can read"
+        )
+    names = tuple(jax.eval_shape(opt.init, jax.ShapeDtypeStruct((1,), "float32")).slots)
+    # counts: a leaf here matches both None and the counts array of the real state
+    return _base.OptState(0, {n: placeholder for n in names}, 0)
+
+
+def _shaped(state: _base.OptState, treedef: Any, order: list[int] | None) -> _base.OptState:
+    """The engine's state with each per-array slot as a tree shaped like params (so
+    that ``optax.tree_map_params`` finds it, and flax nnx carries each param's
+    metadata over to its slots); a packed slot stays as it is. ``order``: the params
+    leaf of each engine array (the masked form's two groups), None for the same order."""
+    slots = {}
+    for name, col in state.slots.items():
+        if not isinstance(col, _flat.Packed):
+            col = list(col)
+            if order is not None:
+                by_leaf = [None] * len(col)
+                for k, i in enumerate(order):
+                    by_leaf[i] = col[k]
+                col = by_leaf
+            col = jax.tree_util.tree_unflatten(treedef, col)
+        slots[name] = col
+    return state._replace(slots=slots)
+
+
+def _columns(state: _base.OptState, order: list[int] | None) -> _base.OptState:
+    """Inverse of :func:`_shaped`: one tuple per slot, in the engine's order."""
+    slots = {}
+    for name, col in state.slots.items():
+        if not isinstance(col, _flat.Packed):
+            leaves = jax.tree_util.tree_leaves(col, is_leaf=lambda x: x is None)
+            col = tuple(leaves if order is None else (leaves[i] for i in order))
+        slots[name] = col
+    return state._replace(slots=slots)
 
 
 def transformation(factory: Callable[..., _base.Optimizer]) -> Callable:
@@ -184,15 +233,18 @@ def _plain(opt: _base.Optimizer) -> optax.GradientTransformationExtraArgs:
     def init(params: Any) -> _base.OptState:
         if _empty(params):
             return _EMPTY_STATE
+        if _is_placeholder(params):
+            return _placeholder_state(opt, params)
         _check_params(params, opt.rule.name)
-        return opt.init(params)
+        return _shaped(opt.init(params), jax.tree_util.tree_structure(params), None)
 
     def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple:
         if _empty(updates):
             return updates, state
         _need_params(params, opt.rule.name)
-        new_params, new_state = opt.update(params, updates, state)
-        return _delta(new_params, params), new_state
+        new_params, new_state = opt.update(params, updates, _columns(state, None))
+        treedef = jax.tree_util.tree_structure(params)
+        return _delta(new_params, params), _shaped(new_state, treedef, None)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -205,12 +257,18 @@ def _masked(opt: _base.Optimizer, mask: Any) -> optax.GradientTransformationExtr
         on, off = _split(m, leaves)
         return [{"params": on}, {"params": off, "weight_decay": 0.0}]
 
+    def order(m: list) -> list[int]:  # the params leaf of each array of the two groups
+        return [i for i, x in enumerate(m) if x] + [i for i, x in enumerate(m) if not x]
+
     def init(params: Any) -> _base.OptState:
         if _empty(params):
             return _EMPTY_STATE
+        if _is_placeholder(params):
+            return _placeholder_state(opt, params)
         _check_params(params, opt.rule.name)
-        leaves = jax.tree_util.tree_leaves(params)
-        return opt.init(groups(leaves, _mask_leaves(mask, params, len(leaves))))
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        m = _mask_leaves(mask, params, len(leaves))
+        return _shaped(opt.init(groups(leaves, m)), treedef, order(m))
 
     def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple:
         if _empty(updates):
@@ -220,10 +278,12 @@ def _masked(opt: _base.Optimizer, mask: Any) -> optax.GradientTransformationExtr
         m = _mask_leaves(mask, params, len(leaves))
         g_leaves = treedef.flatten_up_to(updates)
         on_g, off_g = _split(m, g_leaves)
-        new_groups, new_state = opt.update(groups(leaves, m), [on_g, off_g], state)
+        at = order(m)
+        new_groups, new_state = opt.update(groups(leaves, m), [on_g, off_g], _columns(state, at))
         new_on, new_off = iter(new_groups[0]["params"]), iter(new_groups[1]["params"])
         new_leaves = [next(new_on) if x else next(new_off) for x in m]
-        return _delta(jax.tree_util.tree_unflatten(treedef, new_leaves), params), new_state
+        new_params = jax.tree_util.tree_unflatten(treedef, new_leaves)
+        return _delta(new_params, params), _shaped(new_state, treedef, at)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
