@@ -724,7 +724,7 @@ def test_cupy_module_launch_logic_on_cpu(variant, dtype, layout, inplace, cupy_o
     params = _fake_arrays(layout, dtype, rng)
     ref_p = [np.array(p, copy=True) for p in params]
     ref_state = opt.init(ref_p)
-    slots = mod.init(xp, params, rule.slots(hp))
+    slots = mod.init(rule, xp, params, hp)
     assert set(slots) == set(rule.slots(hp))  # {name: one array per param}
     for name in rule.slots(hp):  # the state is flat and zero
         views = slots[name]
@@ -781,7 +781,7 @@ def test_cupy_module_falls_back_to_the_generic_rule_for_an_array_step(cupy_on_cp
     opt = polyopt.adam(lr=0.1, impl="generic")
     params = [FakeXP.empty((3,), np.dtype("float32"))]
     params[0][...] = 1.0
-    slots = mod.init(xp, params, opt.rule.slots(opt.hyperparams))
+    slots = mod.init(opt.rule, xp, params, opt.hyperparams)
     grads = [np.full(3, 0.5, np.float32).view(FakeCupyArray)]
     new_p, _ = mod.step(xp, params, grads, slots, opt.hyperparams, np.asarray(0), False)
     assert mod.LAST_PATH == ("generic",)

@@ -31,11 +31,9 @@ STRUCTURES = [
 
 def _run_kernel(rule, hp, params, grads, slots, k):
     kernel, names, sc = _derive.numba_kernel(rule, hp, k + 1, params[0].dtype)
-    rows = [
-        [a.ctypes.data for a in (p, g, *[slots[n][i] for n in names])]
-        for i, (p, g) in enumerate(zip(params, grads))
-    ]
-    kernel(np.array(rows, dtype=np.int64), np.array([p.size for p in params]), sc)
+    columns = [params, grads, *[slots[n] for n in names]]
+    tab = np.array([[a.ctypes.data for a in col] for col in columns], dtype=np.int64)
+    kernel(tab, np.array([p.size for p in params]), sc)
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["serial", "chunked"])
@@ -80,11 +78,11 @@ def test_host_scalars_are_folded_once():
     AdamW's element program is 15 operations on 8 constants (lr·λ, lr/(1 − β1^t),
     β1, 1 − β1, β2, 1 − β2, sqrt(1 − β2^t), ε), the same program at every step."""
     rule, hp = RULES["adamw"], polyopt.adamw().hyperparams
-    body, _, consts = _derive._emit(_derive.trace(rule, hp, 3))
+    prog = _derive.program(rule, hp, 3)
     b1, b2 = hp["betas"]
-    assert len(body) == 15 and len(consts) == 8
-    assert consts[1] == hp["lr"] / (1 - b1**3)
-    assert _derive._emit(_derive.trace(rule, hp, 7))[0] == body
+    assert len(prog.key[1]) == 15 and len(prog.consts) == 8
+    assert hp["lr"] / (1 - b1**3) in prog.consts
+    assert _derive.program(rule, hp, 7).key == prog.key
 
 
 def test_untraceable_rule_is_a_clear_error():

@@ -1,4 +1,5 @@
-"""The NumPy fast path (a numba kernel for Adam/AdamW) held to the generic path.
+"""The NumPy fast path (the kernel derived from each rule, run by numba) held to the
+generic path.
 
 Every comparison runs ``impl="fused"`` and ``impl="generic"`` side by side from the same
 arrays for 30 steps and compares params **and every state entry** after every step,
@@ -7,6 +8,8 @@ rule's operations in the same order and dtype, so the results agree to the last 
 measured with numba 0.68 on x86-64: every comparison here has error 0) or nearly (an FMA
 contraction would move the last bit): tolerances float64 1e-12, float32 1e-6.
 The generic path is the one definition of the math, itself tested against torch.optim.
+The configurations are the case table's single-group rows (``polyopt.testing``), every
+optimizer and option.
 """
 
 from __future__ import annotations
@@ -20,39 +23,54 @@ pytest.importorskip("numba")
 
 import polyopt  # noqa: E402
 from polyopt import backends, flat  # noqa: E402
+from polyopt.backends import _derive, _ndarray  # noqa: E402
 from polyopt.testing import max_error  # noqa: E402
+from polyopt.testing._cases import CASES, polyopt_hyperparams  # noqa: E402
 
 fused = pytest.importorskip("polyopt.backends.numpy")
 
 STEPS = 30
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-6, np.dtype(np.float16): 0.0}
 
-#: name -> (factory, hyperparameters)
+#: case id -> (optimizer name, hyperparameters): the table's single-group rows (missing
+#: gradients are the conformance matrix's business)
 CONFIGS = {
-    "adam": ("adam", {"lr": 1e-2}),
-    "adam_l2": ("adam", {"lr": 1e-2, "weight_decay": 0.1}),
-    "adamw": ("adamw", {"lr": 1e-2, "weight_decay": 0.1}),
-    "amsgrad": ("adamw", {"lr": 1e-2, "weight_decay": 0.05, "amsgrad": True}),
-    "maximize": ("adam", {"lr": 1e-2, "maximize": True}),
-    "amsgrad_maximize_decay": (
-        "adam",
-        {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True, "maximize": True},
-    ),
-    "schedule": (
-        "adamw",
-        {"lr": polyopt.schedules.cosine(1e-2, T_max=STEPS), "weight_decay": 0.1},
-    ),
+    c.id: (c.name, polyopt_hyperparams(c)) for c in CASES if not c.groups and not c.missing
 }
+CONFIGS["schedule"] = (
+    "adamw",
+    {"lr": polyopt.schedules.cosine(1e-2, T_max=STEPS), "weight_decay": 0.1},
+)
 SHAPES = [(), (0,), (1,), (7,), (3, 5)]
-CLASSES = {"adam": polyopt.Adam, "adamw": polyopt.AdamW}
+CLASSES = {name: cls for name, (_, cls) in polyopt.OPTIMIZERS.items()}
 
 
-@pytest.fixture(autouse=True, params=["serial", "parallel"])
+#: the configurations also run on numba's threads: one per optimizer (the chunking
+#: does not depend on the rule; each configuration run is one more compilation)
+THREADED = {"sgd-nesterov", "adagrad-l2-init", "rmsprop-centered-momentum-l2-maximize",
+            "adadelta-l2-maximize", "adam-amsgrad-l2-maximize", "adamw-default"}
+
+
+def _threads(monkeypatch, on: bool) -> None:
+    """The calling thread's kernel, or chunks of 4 elements on numba's threads (so
+    that arrays straddle chunks)."""
+    if on:
+        monkeypatch.setattr(_derive, "PARALLEL_FROM", 1)
+        monkeypatch.setattr(_derive, "CHUNK", 4)
+    else:
+        monkeypatch.setattr(_derive, "PARALLEL_FROM", 1 << 62)
+
+
+@pytest.fixture(params=["serial", "parallel"])
 def kernel(request, monkeypatch):
-    """Every test on both kernels: the calling thread's, and the thread pool's."""
-    monkeypatch.setattr(fused, "THREADS", request.param == "parallel")
-    monkeypatch.setattr(fused, "SERIAL_BELOW", 0)
+    """A test on both kernels."""
+    _threads(monkeypatch, request.param == "parallel")
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _serial_by_default(monkeypatch):
+    _threads(monkeypatch, False)
 
 
 def _problem(shapes, dtypes, seed=0, steps=STEPS):
@@ -130,8 +148,13 @@ def _compare(form, name, hp, params, grads):
 
 @pytest.mark.parametrize("form", ["functional", "stateful"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("config", list(CONFIGS))
-def test_fused_matches_generic(config, dtype, form):
+@pytest.mark.parametrize(
+    ("config", "threads"),
+    [(c, False) for c in CONFIGS] + [(c, True) for c in sorted(THREADED)],
+    ids=lambda x: {False: "serial", True: "parallel"}.get(x, x) if isinstance(x, bool) else x,
+)
+def test_fused_matches_generic(config, dtype, form, threads, monkeypatch):
+    _threads(monkeypatch, threads)
     name, hp = CONFIGS[config]
     params, grads = _problem(SHAPES, dtype)
     paths = _compare(form, name, hp, params, grads)
@@ -140,20 +163,19 @@ def test_fused_matches_generic(config, dtype, form):
 
 
 @pytest.mark.parametrize("form", ["functional", "stateful"])
-def test_many_small_arrays_use_the_pointer_table(form):
+def test_many_small_arrays_use_the_pointer_table(form, kernel):
     # 1000 arrays of 0..300 elements: several parallel chunks that cut through arrays
     rng = np.random.default_rng(1)
     shapes = [(int(n),) for n in rng.integers(0, 300, 1000)]
     shapes[5] = (0, 4)
     shapes[17] = ()
     params, grads = _problem(shapes, np.float32, steps=5)
-    assert sum(int(np.prod(s)) for s in shapes) > 2 * fused.CHUNK
     paths = _compare(form, "adamw", {"lr": 1e-2, "amsgrad": True}, params, grads)
     assert paths[0] == "pointers"
 
 
 @pytest.mark.parametrize("form", ["functional", "stateful"])
-def test_flat_params_and_grads_use_the_span(form):
+def test_flat_params_and_grads_use_the_span(form, kernel):
     rng = np.random.default_rng(2)
     shapes = [(0,), (3, 4), (), (300, 300), (0, 2), (7,)]  # > one chunk, empties inside
     params = flat.pack([rng.standard_normal(s) for s in shapes])
@@ -177,7 +199,7 @@ def test_state_is_flat_from_init():
 
 
 @pytest.mark.parametrize("form", ["functional", "stateful"])
-def test_non_contiguous_arrays_fall_back_for_those_arrays_only(form):
+def test_non_contiguous_arrays_fall_back_for_those_arrays_only(form, kernel):
     rng = np.random.default_rng(3)
     big = rng.standard_normal((6, 10))
     params = [rng.standard_normal(5), big[:, ::2], rng.standard_normal((2, 2))]
@@ -189,7 +211,7 @@ def test_non_contiguous_arrays_fall_back_for_those_arrays_only(form):
 
 
 @pytest.mark.parametrize("form", ["functional", "stateful"])
-def test_mixed_dtypes_in_one_group(form):
+def test_mixed_dtypes_in_one_group(form, kernel):
     dts = [np.float32, np.float64, np.float16, np.float32, np.float64]
     params, grads = _problem([(4,), (3, 2), (5,), (), (0,)], dts)
     paths = _compare(
@@ -233,8 +255,8 @@ def test_stateful_form_updates_in_place():
 
 
 def test_auto_uses_the_fused_path():
-    assert backends.lookup("adamw", "numpy", "auto") is backends.FUSED[("adamw", "numpy")]
-    assert backends.lookup("adam", "numpy", "auto").inplace is fused.inplace
+    for name, (factory, _) in polyopt.OPTIMIZERS.items():
+        assert backends.lookup(factory().rule, "numpy", "auto").inplace is fused.inplace
     fused.LAST_PATH = ""
     opt = polyopt.AdamW([np.ones(3), np.ones(2)])
     opt.step([np.ones(3), np.ones(2)])
@@ -253,18 +275,18 @@ def test_numpy_scalar_hyperparameters_are_numbers_and_take_the_fused_path():
 
 
 def test_python_table_matches_the_struct_reader(monkeypatch):
-    if fused._LAYOUT is None:
+    if _ndarray._LAYOUT is None:
         pytest.skip("struct layout not recognised: the Python table is in use")
     params, grads = _problem(SHAPES + [(4, 4)], np.float32, steps=4)
     params[-1] = np.ones((4, 8), np.float32)[:, ::2]
-    slots = {"exp_avg": grads[1], "exp_avg_sq": grads[2], "max_exp_avg_sq": grads[3]}
     for inplace in (True, False):
-        for names in (("exp_avg", "exp_avg_sq"), fused._SLOTS):
+        for n_slots in (1, 2, 3):
+            streams = [params, *grads[: 1 + n_slots]]
             outs = []
-            for layout in (fused._LAYOUT, None):
-                monkeypatch.setattr(fused, "_LAYOUT", layout)
-                tab, sizes, codes, uniform, span = fused._table(
-                    params, grads[0], slots, names, inplace
+            for layout in (_ndarray._LAYOUT, None):
+                monkeypatch.setattr(_ndarray, "_LAYOUT", layout)
+                tab, sizes, codes, uniform, span = _ndarray.table(
+                    streams, fused._writes(inplace, n_slots)
                 )
                 tab[:, codes < 0] = 0
                 outs.append((tab, sizes, codes, uniform, span))
@@ -274,7 +296,7 @@ def test_python_table_matches_the_struct_reader(monkeypatch):
 
 
 def test_python_table_runs_the_same_steps(monkeypatch):
-    monkeypatch.setattr(fused, "_LAYOUT", None)
+    monkeypatch.setattr(_ndarray, "_LAYOUT", None)
     params, grads = _problem(SHAPES, np.float32, steps=5)
     paths = _compare("stateful", "adam", {"lr": 1e-2, "amsgrad": True}, params, grads)
     assert set(paths) == {"pointers"}
@@ -307,7 +329,7 @@ def test_loaded_state_is_not_flat_and_still_fused():
         assert max_error(x, y) <= 1e-12
 
 
-@pytest.mark.parametrize("config", ["adamw", "amsgrad_maximize_decay"])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_non_finite_values_as_in_generic(config):
     name, hp = CONFIGS[config]
     params, grads = _problem([(6,), (2, 3)], np.float32, steps=4)
@@ -359,7 +381,7 @@ def test_span_with_empty_arrays_from_elsewhere():
 def test_overlapping_params_are_updated_as_generic_does(layout, split, monkeypatch):
     # (the same array object twice is refused by the engine: tests/test_atomic.py)
     if layout == "python":
-        monkeypatch.setattr(fused, "_LAYOUT", None)
+        monkeypatch.setattr(_ndarray, "_LAYOUT", None)
     rng = np.random.default_rng(5)
     w = rng.standard_normal(4)
     buf = rng.standard_normal(10)
@@ -388,58 +410,3 @@ def test_overlapping_params_are_updated_as_generic_does(layout, split, monkeypat
         out[impl] = [p.copy() for p in params]
     for a, b in zip(out["fused"], out["generic"]):
         assert max_error(a, b) <= 1e-12
-
-
-@pytest.mark.parametrize("policy", [None, "active"])
-def test_thread_start_leaves_the_environment_as_it_was(policy, monkeypatch):
-    import os
-
-    if policy is None:
-        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    else:
-        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
-    monkeypatch.setattr(fused, "_THREADS_STARTED", False)
-    fused._start_threads()
-    assert fused._THREADS_STARTED and os.environ.get("OMP_WAIT_POLICY") == policy
-    monkeypatch.setattr(fused, "THREADS", True)
-    params, grads = _problem([(5,)], np.float32, steps=2)
-    assert len(_compare("stateful", "adamw", {}, params, grads)) == 2
-    assert os.environ.get("OMP_WAIT_POLICY") == policy
-
-
-def test_the_chooser_uses_the_faster_kernel_and_probes_the_other():
-    ch = fused._Chooser(probe=4, max_probe=16)
-    cost = {True: 3.0, False: 1.0}  # seconds per launch: the thread pool is slower
-    runs = []
-    for _ in range(200):
-        par = ch.pick("k")
-        ch.record("k", ("kernel", par), par, cost[par], 1)
-        runs.append(par)
-    # each kernel's first call is not timed, so each is run twice at the start
-    assert runs[:4] == [True, True, False, False]
-    assert 150 < runs.count(False) and 5 < runs.count(True) < 30  # probes, backing off
-    gaps = np.diff(np.flatnonzero(runs[4:]))
-    assert list(gaps) == sorted(gaps) and gaps.max() == 16  # intervals double up to 16
-    cost[True] = 0.5  # the pool frees up: after the next probe it is used
-    runs = []
-    for _ in range(40):
-        par = ch.pick("k")
-        ch.record("k", ("kernel", par), par, cost[par], 1)
-        runs.append(par)
-    assert sum(runs[-20:]) >= 16  # the pool, but for a probe of the calling thread
-    ch2 = fused._Chooser()
-    assert ch2.pick("a") is True and ch2.pick("b") is True  # keys are separate
-
-
-def test_auto_threads_time_both_kernels_and_agree(monkeypatch):
-    import numba
-
-    if numba.get_num_threads() == 1:
-        pytest.skip("one numba thread: the pool is never chosen")
-    monkeypatch.setattr(fused, "THREADS", "auto")
-    monkeypatch.setattr(fused, "SERIAL_BELOW", 0)
-    monkeypatch.setattr(fused, "_CHOOSER", fused._Chooser(probe=2))
-    params, grads = _problem([(50,), (3, 7)], np.float32, steps=12)
-    _compare("stateful", "adamw", {"lr": 1e-2}, params, grads)
-    ((serial, parallel, _, _),) = fused._CHOOSER.stats.values()
-    assert serial is not None and parallel is not None

@@ -563,8 +563,8 @@ def _map_params_cases():
             optax.chain(clip(), optax.adamw(LR, weight_decay=WD, mask=W_MASK)),
             {"exp_avg": "mu", "exp_avg_sq": "nu"},
         ),
-        "sgd(momentum)": (
-            po.sgd(lr=5e-2, momentum=0.9),
+        "sgd(momentum, generic)": (
+            po.sgd(lr=5e-2, momentum=0.9, impl="generic"),
             optax.sgd(5e-2, momentum=0.9),
             {"momentum_buffer": "trace"},
         ),
@@ -614,8 +614,8 @@ def test_tree_map_params_equals_optax_twin(case):
 
 
 def test_tree_map_params_refused_on_packed_state():
-    """The JAX fast path (impl="auto" for Adam/AdamW) packs the slots of runs of small
-    arrays into shared buffers: no params-shaped tree to map over, so init on the
+    """The JAX fast path (impl="auto") packs the slots of runs of small arrays into
+    shared buffers: no params-shaped tree to map over, so init on the
     placeholder says so and names the way out, rather than mapping f over buffers."""
     tx = optax.chain(clip(), po.adamw(lr=LR, weight_decay=WD))
     state = tx.init(PARAMS0)

@@ -65,6 +65,10 @@ class Rule:
       array, ``t`` is the 1-based count of this array's updates (a Python int, or a 0-d
       array of the compute dtype under jit). Returns ``(new_p, new_s)``. Pure.
     - ``schedulable``: hyperparameters that may be a function of the step count.
+    - ``elementwise``: ``step`` works element by element (every array operation is
+      arithmetic or an elementwise function), so the fast paths derived from it apply
+      (:mod:`polyopt.backends._derive`); False for a rule that reduces or reshapes
+      (a factored second moment, an orthogonalization).
 
     A rule whose ``step`` is built by :func:`two_part` also exposes its two halves as
     :attr:`parts`, so a fast path can run the state update over many arrays at once
@@ -78,6 +82,7 @@ class Rule:
     step: Callable[..., tuple[Any, dict]]
     init: Callable[[Any, dict, Any], dict] | None = None
     schedulable: tuple[str, ...] = ("lr", "weight_decay")
+    elementwise: bool = True
 
     @property
     def parts(self) -> tuple[Callable, Callable] | None:
@@ -328,15 +333,14 @@ class Optimizer:
         leaves = [leaf for lv, _ in flat for leaf in lv]
         path = _Paths(flat, grouped, "params")
         xp = self._check_arrays(leaves, "params", path)
-        fast = backends.lookup(self.rule.name, _xp.backend_name(leaves[0]), self.impl)
+        fast = backends.lookup(self.rule, _xp.backend_name(leaves[0]), self.impl)
         parts = []
         with _xp.no_grad(xp):
             for gi, (hp, (lv, _)) in enumerate(zip(groups, flat)):
                 hp0 = self._at_step(hp, 0, _group_label(gi, grouped))
                 _check_limits(xp, hp0, lv, _group_label(gi, grouped))
-                names = self.rule.slots(hp0)
                 if fast is not None and fast.init is not None:  # e.g. flat state buffers
-                    cols = fast.init(xp, lv, names)
+                    cols = fast.init(self.rule, xp, lv, hp0)
                 else:
                     cols = self.rule.init_slots(lv, hp0, xp)
                 parts.append((len(lv), cols))
@@ -409,7 +413,7 @@ class Optimizer:
         if not given:  # no array has a gradient: nothing to do, the count stays
             return lambda: (trees, state)
 
-        fast = backends.lookup(self.rule.name, _xp.backend_name(leaves[0]), self.impl)
+        fast = backends.lookup(self.rule, _xp.backend_name(leaves[0]), self.impl)
         complex_ = (
             [_xp.float_kind(xp, p.dtype) == "complex" for p in leaves]
             if any(_xp.float_kind(xp, dt) == "complex" for dt in set(map(_DTYPE, leaves)))
@@ -497,11 +501,11 @@ class Optimizer:
         if amp is not None:
             if fast is None or not (inplace and fast.amp):
                 raise backends.AmpUnsupported(f"no fused {self.rule.name} path takes grad_scale")
-            return fast.inplace(xp, params, grads, slots, hp, k, amp=amp)
+            return fast.inplace(self.rule, xp, params, grads, slots, hp, k, amp=amp)
         if fast is not None:
             if inplace and fast.inplace is not None:
-                return fast.inplace(xp, params, grads, slots, hp, k)
-            result = fast.pure(xp, params, grads, slots, hp, k)
+                return fast.inplace(self.rule, xp, params, grads, slots, hp, k)
+            result = fast.pure(self.rule, xp, params, grads, slots, hp, k)
         else:
             result = self._step_group(xp, params, grads, slots, hp, k)
         return lambda: result

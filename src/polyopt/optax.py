@@ -20,7 +20,7 @@ subtraction into the step. The state is polyopt's :class:`~polyopt.OptState` (a
 pytree: it jits, vmaps, donates, shards and serializes with flax and Orbax), each slot a
 tree shaped like params (so ``optax.tree_map_params`` and flax nnx's sharding metadata
 apply), except where the JAX fast path packs runs of small arrays into shared buffers
-(Adam/AdamW, ``impl="auto"``; ``impl="generic"`` keeps every slot per array).
+(``impl="auto"`` on one device; ``impl="generic"`` keeps every slot per array).
 
 ``params`` must be passed to ``update`` (polyopt's rules read them: weight decay,
 the update itself). ``mask`` (for optimizers with ``weight_decay``): a pytree of bools
@@ -138,7 +138,7 @@ def _is_placeholder(params: Any) -> bool:
 def _placeholder_state(opt: _base.Optimizer, placeholder: Any) -> _base.OptState:
     """``init`` on ``optax.tree_map_params``' placeholder: the state's structure with
     the placeholder where each slot's params-shaped tree stands."""
-    fast = backends.lookup(opt.rule.name, "jax", opt.impl)
+    fast = backends.lookup(opt.rule, "jax", opt.impl)
     if fast is not None and fast.init is not None:
         raise TypeError(
             f"optax.tree_map_params: polyopt.optax.{opt.rule.name}(impl={opt.impl!r}) keeps "

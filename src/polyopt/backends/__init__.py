@@ -4,9 +4,10 @@ A fast path is registered for an (optimizer rule name, backend name) pair and re
 the generic per-array loop of one parameter group. It must give the generic path's
 numbers within the dtype's tolerance; the conformance matrix holds it to that.
 
-A :class:`FastPath` has
+A :class:`FastPath` has (each receives the optimizer's :class:`polyopt.Rule`: a fast
+path derived from the rule serves every rule, and names none)
 
-- ``pure(xp, params, grads, slots, hp, k) -> (params, slots)``: one update of a run of
+- ``pure(rule, xp, params, grads, slots, hp, k) -> (params, slots)``: one update of a run of
   arrays of one group, leaving its inputs untouched. ``params`` and ``grads`` are
   sequences of arrays, ``slots`` is ``{slot name: sequence}`` (one array per param, as
   in ``OptState.slots``: a tuple, list or :class:`polyopt.flat.Packed`); the new slots
@@ -14,7 +15,7 @@ A :class:`FastPath` has
   where they were numbers or host-resident 0-d arrays; the key ``_base.ARRAYS`` is set
   when some are arrays), ``k`` the number of updates these arrays have had so far (a
   Python int, or a 0-d array under ``jax.jit``).
-- ``inplace(xp, params, grads, slots, hp, k) -> commit`` (optional; the stateful form
+- ``inplace(rule, xp, params, grads, slots, hp, k) -> commit`` (optional; the stateful form
   on libraries with mutable arrays): plan an update that writes into ``params`` and
   ``slots``. Everything that can fail (checks, allocations, compiling, the generic math
   for arrays the kernel does not take) happens here, and nothing is written; the
@@ -23,13 +24,18 @@ A :class:`FastPath` has
   runs ``pure`` and writes the results itself.
 - ``amp``: whether ``inplace`` also takes ``amp=(grad_scale, found_inf)`` (torch's
   GradScaler; see :class:`AmpUnsupported`).
-- ``init(xp, params, names) -> slots`` (optional): the state of a group as
-  ``{name: sequence}``, e.g. views into one flat buffer per slot so that one kernel
-  launch can update them all, or (JAX, whose arrays cannot be views) a
+- ``init(rule, xp, params, hp) -> slots`` (optional): the initial state of a group
+  (the rule's values, ``rule.init_slots``) as ``{name: sequence}``, laid out for the
+  fast path: e.g. views into one flat buffer per slot so that one kernel launch can
+  update them all, or (JAX, whose arrays cannot be views) a
   :class:`polyopt.flat.Packed` over one buffer per slot.
 
 Complex arrays reach a fast path as real views with a trailing axis of 2 (see
 ``polyopt._xp.as_real``), so a kernel written for real arrays serves them too.
+
+A path is registered for named rules (a backend's own kernels: torch's
+``_fused_adamw_``) or, with ``rules=None``, for every elementwise rule (a path derived
+from the rule: :mod:`polyopt.backends._derive`); a rule's own registration wins.
 
 The dispatch point is :func:`lookup`, called once per update by the engine:
 ``impl="generic"`` never uses a fast path, ``"fused"`` requires one (a clear error
@@ -59,9 +65,11 @@ class AmpUnsupported(Exception):
     kernel cannot take. Nothing has changed; the caller takes another route."""
 
 
-#: (rule name, backend name) -> fast path. Filled by the backend modules, which are
-#: imported on first use of their library (see _MODULES), never before.
+#: (rule name, backend name) -> fast path, and backend name -> the path for every
+#: elementwise rule. Filled by the backend modules, which are imported on first use of
+#: their library (see _MODULES), never before.
 FUSED: dict[tuple[str, str], FastPath] = {}
+EVERY: dict[str, FastPath] = {}
 _MODULES = {
     "cupy": "polyopt.backends.cupy",
     "jax": "polyopt.backends.jax",
@@ -70,7 +78,11 @@ _MODULES = {
 }
 
 
-def register(rules: tuple[str, ...], backend: str, path: FastPath) -> None:
+def register(rules: tuple[str, ...] | None, backend: str, path: FastPath) -> None:
+    """``path`` for the rules named (None: every elementwise rule) on ``backend``."""
+    if rules is None:
+        EVERY[backend] = path
+        return
     for rule in rules:
         FUSED[(rule, backend)] = path
 
@@ -87,21 +99,32 @@ def _load(backend: str) -> None:
                 raise
 
 
-def lookup(rule: str, backend: str, impl: str) -> FastPath | None:
-    """The fast path to use, or None for the generic math."""
+def _find(rule, backend: str) -> FastPath | None:
+    name = rule if isinstance(rule, str) else rule.name
+    fn = FUSED.get((name, backend))
+    if fn is None and getattr(rule, "elementwise", True):
+        fn = EVERY.get(backend)
+    return fn
+
+
+def lookup(rule, backend: str, impl: str) -> FastPath | None:
+    """The fast path for ``rule`` (a :class:`polyopt.Rule`, or a rule's name) on
+    ``backend`` arrays, or None for the generic math."""
     if impl == "generic":
         return None
     _load(backend)
-    fn = FUSED.get((rule, backend))
+    fn = _find(rule, backend)
     if fn is None and impl == "fused":
-        have = sorted(f"{r} on {b}" for r, b in FUSED) or ["none"]
+        name = rule if isinstance(rule, str) else rule.name
+        have = sorted(f"{r} on {b}" for r, b in FUSED)
+        have += [f"every elementwise rule on {b}" for b in sorted(EVERY)]
         raise ValueError(
-            f"impl='fused': there is no fused {rule} step for {backend} arrays "
-            f"(fused paths: {', '.join(have)}); use impl='auto' or 'generic'"
+            f"impl='fused': there is no fused {name} step for {backend} arrays "
+            f"(fused paths: {', '.join(have) or 'none'}); use impl='auto' or 'generic'"
         )
     return fn
 
 
-def available(rule: str, backend: str) -> bool:
+def available(rule, backend: str) -> bool:
     _load(backend)
-    return (rule, backend) in FUSED
+    return _find(rule, backend) is not None

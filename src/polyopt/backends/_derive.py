@@ -36,21 +36,51 @@ else:
 # -- the symbols ----------------------------------------------------------------------
 
 
-class Node:
-    """One value of the traced step: an input, a constant or an operation."""
+class Tape:
+    """What a trace records: each operation once, in the order the rule runs them
+    (``ops``: ``(op, args)``, an argument being an operation's index, an input's name,
+    or ``-(i + 1)`` for constant ``i``), and the host numbers it used (``consts``)."""
 
-    __slots__ = ("args", "array", "name", "op")
+    __slots__ = ("consts", "ops")
+
+    def __init__(self):
+        self.ops: list = []
+        self.consts: list = []
+
+    def ref(self, x) -> int | str:
+        if isinstance(x, Node):
+            return x.ref
+        if type(x) in (int, float) or isinstance(x, (int, float, np.floating)):
+            if isinstance(x, bool):
+                return NotImplemented
+            self.consts.append(float(x))
+            return -len(self.consts)
+        return NotImplemented
+
+    def op(self, op: str, *args) -> "Node":
+        refs = tuple(self.ref(a) for a in args)
+        if NotImplemented in refs:
+            raise TypeError(f"{op} of {[type(a).__name__ for a in args]} cannot be traced")
+        self.ops.append((op, refs))
+        return Node(self, len(self.ops) - 1)
+
+
+class Node:
+    """One value of the traced step: an input or the result of an operation."""
+
+    __slots__ = ("ref", "tape")
     dtype = None  # xp.astype(x, x.dtype): the kernel computes in the arrays' dtype
 
-    def __init__(self, op: str, args: tuple = (), name: str = "", array: bool | None = None):
-        self.op, self.args, self.name = op, args, name
-        self.array = any(isinstance(a, Node) and a.array for a in args) if array is None else array
+    def __init__(self, tape: Tape, ref: int | str):
+        self.tape, self.ref = tape, ref
 
-    # arithmetic: a Python number stays a constant of the graph
+    # arithmetic: a Python number becomes a constant of the program
     def _bin(self, op, other, swap=False):
-        if not isinstance(other, (Node, int, float)) or isinstance(other, bool):
+        o = self.tape.ref(other)
+        if o is NotImplemented:
             return NotImplemented
-        return Node(op, (other, self) if swap else (self, other))
+        self.tape.ops.append((op, (o, self.ref) if swap else (self.ref, o)))
+        return Node(self.tape, len(self.tape.ops) - 1)
 
     def __add__(self, o):
         return self._bin("+", o)
@@ -86,53 +116,118 @@ class Node:
         return self._bin(">", o)
 
     def __neg__(self):
-        return Node("neg", (self,))
+        return self.tape.op("neg", self)
 
     def __bool__(self):
         raise TypeError("a traced value has no truth value: the rule branches on data")
 
 
+_FUNCTIONS = ("sqrt", "exp", "expm1", "log", "abs")
+
+
 class Namespace:
-    """The array-API functions a rule calls, on symbols."""
+    """The array-API functions a rule calls, on the symbols of one trace."""
 
     float32 = np.float32
     float64 = np.float64
 
+    def __init__(self, tape: Tape):
+        self._tape = tape
+
     def __getattr__(self, name):  # anything else is not traceable
+        if name in _FUNCTIONS:
+            return lambda x: self._tape.op(name, x)
         raise AttributeError(f"{name} cannot be traced into a kernel")
 
-    sqrt = staticmethod(lambda x: Node("sqrt", (x,)))
-    exp = staticmethod(lambda x: Node("exp", (x,)))
-    expm1 = staticmethod(lambda x: Node("expm1", (x,)))
-    log = staticmethod(lambda x: Node("log", (x,)))
-    abs = staticmethod(lambda x: Node("abs", (x,)))
-    maximum = staticmethod(lambda a, b: Node("maximum", (a, b)))
-    minimum = staticmethod(lambda a, b: Node("minimum", (a, b)))
+    def maximum(self, a, b):
+        return self._tape.op("maximum", a, b)
 
-    @staticmethod
-    def astype(x, dtype, copy=True):
-        return Node("float", (x,)) if isinstance(x, Node) else x
+    def minimum(self, a, b):
+        return self._tape.op("minimum", a, b)
 
-
-NAMESPACE = Namespace()
+    def astype(self, x, dtype, copy=True):
+        return self._tape.op("float", x) if isinstance(x, Node) else x
 
 
 class Trace:
-    """The traced step: the slot names and the outputs ``[new param, new slot...]``."""
+    """The traced step: the slot names, the outputs ``[new param, new slot...]`` (each an
+    operation's index, an input's name or a constant) and the tape."""
 
-    def __init__(self, names: tuple, outputs: list):
-        self.names, self.outputs = names, outputs
+    def __init__(self, names: tuple, outputs: list, tape: Tape):
+        self.names, self.outputs, self.tape = names, outputs, tape
 
 
 def trace(rule, hp: dict, t: int) -> Trace:
     """Run ``rule.step`` on one symbolic element of a param, its grad and its slots,
     with the step's own hyperparameters and 1-based count ``t``."""
     names = tuple(rule.slots(hp))
-    p = Node("in", name="p", array=True)
-    g = Node("in", name="g", array=True)
-    s = {n: Node("in", name=n, array=True) for n in names}
-    new_p, new_s = rule.step(p, g, dict(s), hp, t, NAMESPACE)
-    return Trace(names, [new_p, *[new_s[n] for n in names]])
+    tape = Tape()
+    s = {n: Node(tape, n) for n in names}
+    new_p, new_s = rule.step(Node(tape, "p"), Node(tape, "g"), s, hp, t, Namespace(tape))
+    outputs = [tape.ref(x) for x in (new_p, *[new_s[n] for n in names])]
+    return Trace(names, outputs, tape)
+
+
+# -- the element program ---------------------------------------------------------------
+
+
+def host_values(hp: dict, k) -> bool:
+    """Whether a kernel can take this step: the count and every hyperparameter are
+    plain Python values (numbers, flags, tuples of them), so that the rule's own code
+    folds them into host constants. An array or traced value anywhere means the
+    generic path. The one predicate every derived (and torch's) kernel uses."""
+    if type(k) is not int or "_arrays" in hp:  # _base.ARRAYS: the engine saw arrays
+        return False
+    for x in hp.values():
+        t = type(x)
+        if t is tuple:
+            if not all(type(y) in _SCALAR for y in x):
+                return False
+        elif t not in _SCALAR:
+            return False
+    return True
+
+
+_SCALAR = frozenset({int, float, bool, str, type(None)})
+
+
+class Program:
+    """One step of a rule as an element program: ``names`` (slot names, in the order of
+    the kernel's columns), ``key`` (the program's structure: the same for every step
+    whose branches are the same) and ``consts`` (this step's host constants, float64)."""
+
+    __slots__ = ("consts", "key", "names")
+
+    def __init__(self, names: tuple, key: tuple, consts: list):
+        self.names, self.key, self.consts = names, key, consts
+
+    def kernel(self, dtype, pure: bool = False) -> "Kernel":
+        """The compiled kernel of this program for arrays of ``dtype``: in place (the
+        outputs overwrite the param and slot columns) or ``pure`` (they go to columns of
+        their own after the inputs). Compiled on first use, then cached."""
+        dtype = np.dtype(dtype)
+        key = (self.key, dtype.str, pure)
+        k = _CACHE.get(key)
+        if k is None:
+            with _LOCK:
+                k = _CACHE.get(key)
+                if k is None:
+                    k = _CACHE[key] = Kernel(self.key, dtype, pure)
+        return k
+
+    def constants(self, dtype) -> np.ndarray:
+        """This step's constants, each rounded once to ``dtype`` as NumPy rounds a Python
+        float against an array of that dtype."""
+        return np.array(self.consts, dtype=dtype)
+
+
+def program(rule, hp: dict, t: int) -> Program:
+    """Trace one step (:func:`trace`) as an element program: each operation once, in
+    the order the rule ran them (shared subexpressions are shared nodes), each number
+    the rule computed on the host a constant."""
+    tr = trace(rule, hp, t)
+    key = (tr.names, tuple(tr.tape.ops), tuple(tr.outputs))
+    return Program(tr.names, key, tr.tape.consts)
 
 
 # -- code generation --------------------------------------------------------------------
@@ -149,35 +244,6 @@ _NB = {
 }
 
 
-def _emit(tr: Trace) -> tuple[list, list, list]:
-    """``(body lines, output names, constants)``: each element operation once (shared
-    subexpressions included), each number it uses a kernel constant ``c{i}`` (``sc[i]``,
-    loaded once)."""
-    body: list[str] = []
-    seen: dict = {}
-    consts: list[float] = []
-    inputs = {"p": "x_p", "g": "x_g", **{n: f"x_{i}" for i, n in enumerate(tr.names)}}
-
-    def elem(node) -> str:
-        if not isinstance(node, Node):  # a number the rule computed on the host
-            consts.append(float(node))
-            return f"c{len(consts) - 1}"
-        name = seen.get(id(node))
-        if name is not None:
-            return name
-        if node.op == "in":
-            name = inputs[node.name]
-        else:
-            args = [elem(a) for a in node.args]
-            name = f"e{len(body)}"
-            body.append(f"{name} = {_expr(node.op, args)}")
-        seen[id(node)] = name
-        return name
-
-    outs = [elem(o) for o in tr.outputs]
-    return body, outs, consts
-
-
 def _expr(op: str, args: list[str]) -> str:
     if op in ("+", "-", "*", "/", "**", ">"):
         return f"({args[0]} {op} {args[1]})"
@@ -186,31 +252,61 @@ def _expr(op: str, args: list[str]) -> str:
     return f"{_NB[op]}({', '.join(args)})"
 
 
-def _source(names: tuple, body: list, outs: list, n_consts: int, parallel: bool) -> str:
+def element_code(key: tuple, expr: Callable[[str, list], str] = _expr) -> tuple[list, list, int]:
+    """``(body lines, output names, number of constants)`` of the program ``key``:
+    ``e{i} = ...`` per operation, inputs ``x_p``, ``x_g``, ``x_{j}`` (slot j), constants
+    ``c{i}``. ``expr(op, args)`` writes one operation in the target language."""
+    names, ops, outs = key
+    inputs = {"p": "x_p", "g": "x_g", **{n: f"x_{j}" for j, n in enumerate(names)}}
+    n_consts = 0
+
+    def name(r) -> str:
+        nonlocal n_consts
+        if isinstance(r, str):
+            return inputs[r]
+        if r < 0:
+            n_consts = max(n_consts, -r)
+            return f"c{-r - 1}"
+        return f"e{r}"
+
+    body = [f"e{i} = {expr(op, [name(a) for a in args])}" for i, (op, args) in enumerate(ops)]
+    out_names = [name(o) for o in outs]
+    return body, out_names, n_consts
+
+
+def _source(key: tuple, parallel: bool, pure: bool) -> str:
     """The kernel: ``kernel(tab, lo, hi, sc)`` updates elements ``lo[c]:hi[c]`` of the
-    arrays in row ``c`` of ``tab`` for every chunk ``c``; in parallel, the chunks run on
+    arrays in column ``c`` of ``tab`` (rows: param, grad, each slot, then, ``pure``, the
+    new param and each new slot) for every chunk ``c``; in parallel, the chunks run on
     numba's threads."""
+    names = key[0]
+    body, outs, n_consts = element_code(key)
+    width = 2 + len(names)
     loop = "numba.prange" if parallel else "range"
     lines = ["def kernel(tab, lo, hi, sc):"]
     # the constants in locals: loaded once, not from memory a store might alias
     lines += [f"    c{i} = sc[{i}]" for i in range(n_consts)]
-    lines.append(f"    for c in {loop}(tab.shape[0]):")
+    lines.append(f"    for c in {loop}(tab.shape[1]):")
     # each array from its chunk's first element, the loop from 0: an index numba knows
     # is not negative needs no wraparound check, and the loop vectorizes
     lines.append("        n = hi[c] - lo[c]")
     lines.append("        skip = lo[c] * size")
-    for j in range(2 + len(names)):
-        lines.append(f"        A{j} = numba.carray(_ptr(tab[c, {j}] + skip, dt), n)")
+    columns = width + (width - 1 if pure else 0)
+    for j in range(columns):
+        lines.append(f"        A{j} = numba.carray(_ptr(tab[{j}, c] + skip, dt), n)")
     lines.append("        for i in range(n):")
     lines.append("            x_p = A0[i]")
     lines.append("            x_g = A1[i]")
     for j in range(len(names)):
         lines.append(f"            x_{j} = A{j + 2}[i]")
     lines += [f"            {b}" for b in body]
-    targets = ["A0", *[f"A{j + 2}" for j in range(len(names))]]
+    if pure:
+        targets = [f"A{width + j}" for j in range(width - 1)]
+    else:
+        targets = ["A0", *[f"A{j + 2}" for j in range(len(names))]]
     inputs = ["x_p", *[f"x_{j}" for j in range(len(names))]]
     for target, out, same in zip(targets, outs, inputs):
-        if out != same:  # an output that is its input is left as it is
+        if pure or out != same:  # in place, an output that is its input is left as it is
             lines.append(f"            {target}[i] = {out}")
     return "\n".join(lines) + "\n"
 
@@ -221,20 +317,23 @@ PARALLEL_FROM = 1 << 19
 
 
 class Kernel:
-    """One compiled element program: ``kernel(tab, sizes, sc)`` updates in place the
-    arrays whose data addresses are the rows of ``tab`` (param, grad, then each slot),
-    ``sizes`` their element counts, ``sc`` the constants. Groups of
-    :data:`PARALLEL_FROM` elements or more are cut into chunks of :data:`CHUNK`
-    elements that run on numba's threads."""
+    """One compiled element program: ``kernel(tab, sizes, sc)`` runs it on the arrays
+    whose data addresses are the columns of ``tab`` (rows: param, grad, each slot, and
+    for a ``pure`` kernel the outputs), ``sizes`` their element counts, ``sc`` the
+    constants. Groups of :data:`PARALLEL_FROM` elements or more are cut into chunks of
+    :data:`CHUNK` elements that run on numba's threads (a size rule: a memory-bound
+    step on fewer elements gains less from a second thread than waking it costs)."""
 
-    def __init__(self, src_serial: str, src_parallel: str, dtype: np.dtype):
-        self._src, self._dtype = (src_serial, src_parallel), dtype
+    def __init__(self, key: tuple, dtype: np.dtype, pure: bool):
+        self.key, self._dtype, self.pure = key, dtype, pure
         self._fns: list = [None, None]
 
     def _fn(self, parallel: bool):
         fn = self._fns[parallel]
         if fn is None:
-            fn = self._fns[parallel] = _compile(self._src[parallel], self._dtype, parallel)
+            fn = self._fns[parallel] = _compile(
+                _source(self.key, parallel, self.pure), self._dtype, parallel
+            )
         return fn
 
     @staticmethod
@@ -249,13 +348,13 @@ class Kernel:
         if not self._parallel(sizes):
             self._fn(False)(tab, np.zeros_like(sizes), sizes, sc)
             return
-        # chunk c covers elements lo[c]:hi[c] of array row[c]
+        # chunk c covers elements lo[c]:hi[c] of array col[c]
         per = (sizes + CHUNK - 1) // CHUNK
-        row = np.repeat(np.arange(len(sizes)), per)
+        col = np.repeat(np.arange(len(sizes)), per)
         first = np.cumsum(per) - per
-        lo = (np.arange(len(row)) - np.repeat(first, per)) * CHUNK
-        hi = np.minimum(lo + CHUNK, sizes[row])
-        self._fn(True)(tab[row], lo, hi, sc)
+        lo = (np.arange(len(col)) - np.repeat(first, per)) * CHUNK
+        hi = np.minimum(lo + CHUNK, sizes[col])
+        self._fn(True)(np.ascontiguousarray(tab[:, col]), lo, hi, sc)
 
 
 def numba_threads() -> int:
@@ -265,33 +364,81 @@ def numba_threads() -> int:
 
 
 _LOCK = threading.Lock()
-_CACHE: dict = {}  # (kernel source, dtype) -> Kernel
+_CACHE: dict = {}  # (program key, dtype, pure) -> Kernel
 
 
-def numba_kernel(rule, hp: dict, t: int, dtype) -> tuple[Kernel, tuple, np.ndarray]:
+def numba_kernel(rule, hp: dict, t: int, dtype, pure: bool = False):
     """``(kernel, names, constants)`` for one step of ``rule`` at ``hp`` and 1-based
-    count ``t`` on arrays of ``dtype``: ``kernel(tab, sizes, constants)`` (a
-    :class:`Kernel`) runs it on the arrays in ``tab``, whose rows hold the data
-    addresses of param, grad, then each slot of ``names``."""
-    tr = trace(rule, hp, t)
-    body, outs, consts = _emit(tr)
-    dtype = np.dtype(dtype)
-    key = (_source(tr.names, body, outs, len(consts), False), dtype.str)
-    kernel = _CACHE.get(key)
-    if kernel is None:
-        with _LOCK:
-            kernel = _CACHE.get(key)
-            if kernel is None:
-                kernel = Kernel(key[0], _source(tr.names, body, outs, len(consts), True), dtype)
-                _CACHE[key] = kernel
-    return kernel, tr.names, np.array(consts, dtype=dtype)
+    count ``t`` on arrays of ``dtype`` (:func:`program`, then :meth:`Program.kernel`)."""
+    prog = program(rule, hp, t)
+    return prog.kernel(dtype, pure), prog.names, prog.constants(dtype)
 
 
 def _compile(src: str, dtype: np.dtype, parallel: bool) -> Callable:
+    """The kernel of ``src`` compiled by numba for ``dtype``. The source is written to a
+    module in the kernel cache (:func:`cache_dir`), so that numba caches the machine
+    code next to it and a later process loads it instead of compiling again (compiling
+    one kernel takes about 0.5 s, loading it about 10 ms); where no cache directory can
+    be written, the kernel is compiled in memory each time."""
     import numba
 
     from ._numba import _ptr
 
+    header = (
+        "import numba\nimport numpy as np\n"
+        "from polyopt.backends._numba import _ptr\n"
+        f"dt = np.{dtype.name}\nsize = {dtype.itemsize}\n\n"
+    )
+    text = header + src
+    options = dict(nogil=True, parallel=parallel, error_model="numpy")
+    module = _cached_module(text)
+    if module is not None:
+        return numba.njit(cache=True, **options)(module.kernel)
     scope = {"numba": numba, "np": np, "_ptr": _ptr, "dt": dtype.type, "size": dtype.itemsize}
     exec(src, scope)  # noqa: S102 - source generated from the rule's trace
-    return numba.njit(nogil=True, parallel=parallel, error_model="numpy")(scope["kernel"])
+    return numba.njit(**options)(scope["kernel"])
+
+
+def cache_dir() -> str | None:
+    """Where generated kernels (and numba's machine code for them) are kept:
+    ``$POLYOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/polyopt`` or ``~/.cache/polyopt``;
+    ``POLYOPT_CACHE_DIR=""`` turns the cache off."""
+    import os
+
+    d = os.environ.get("POLYOPT_CACHE_DIR")
+    if d is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        d = os.path.join(base, "polyopt", "kernels")
+    return d or None
+
+
+def _cached_module(text: str):
+    """The module holding ``text``, written once into :func:`cache_dir` under a name
+    that is its hash; None if the directory cannot be written."""
+    import hashlib
+    import importlib.util
+    import os
+    import sys
+
+    d = cache_dir()
+    if d is None:
+        return None
+    name = "polyopt_kernel_" + hashlib.sha256(text.encode()).hexdigest()[:24]
+    path = os.path.join(d, name + ".py")
+    try:
+        if not os.path.exists(path):
+            os.makedirs(d, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)  # atomic: another process may be writing it too
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            # by name, as numba's cache finds a kernel's globals when it loads one
+            sys.modules[name] = module
+    except OSError:
+        return None
+    return module

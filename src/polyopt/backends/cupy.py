@@ -116,10 +116,11 @@ def _empty_like(xp: Any, arrays: list) -> list:
     return out
 
 
-def init(xp: Any, params: list, names: tuple[str, ...]) -> dict[str, list]:
-    """Zero state, flat: for each slot, one buffer per dtype holding every array's view."""
+def init(rule, xp: Any, params: list, hp: dict) -> dict[str, list]:
+    """Zero state (Adam's), flat: for each slot, one buffer per dtype holding every
+    array's view."""
     slots: dict[str, list] = {}
-    for name in names:
+    for name in rule.slots(hp):
         slots[name] = _empty_like(xp, params)
         for buffer in _buffers(slots[name]):
             buffer.fill(0)
@@ -187,11 +188,11 @@ def step(xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inpl
     return _plan(xp, params, grads, slots, hp, k, inplace)()
 
 
-def pure(xp, params, grads, slots, hp, k):
+def pure(rule, xp, params, grads, slots, hp, k):
     return _plan(xp, params, grads, slots, hp, k, False)()
 
 
-def inplace(xp, params, grads, slots, hp, k):
+def inplace(rule, xp, params, grads, slots, hp, k):
     return _plan(xp, params, grads, slots, hp, k, True)
 
 

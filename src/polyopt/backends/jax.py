@@ -1,4 +1,4 @@
-"""JAX fast path for Adam / AdamW: the state of runs of small arrays in one buffer per slot.
+"""JAX fast path for every elementwise rule: the state of runs of small arrays in one buffer per slot.
 
 Under ``jax.jit``, XLA's CPU backend compiles an elementwise update into one loop per
 output array, and does not merge loops that write different arrays. Adam on one array
@@ -10,12 +10,15 @@ optax alike (measured: both compile to 3003 loops).
 Here each run of consecutive small arrays in a group (:data:`SMALL`, :data:`RUN`) keeps
 each slot in one 1-D buffer; the slot column is a :class:`polyopt.flat.Packed`, so
 ``state.slots["exp_avg"][i]`` is still array ``i``'s first moment. A step runs the
-rule's two halves (:func:`polyopt._base.two_part`, the same math as the generic path):
-the slot half once over the run's gradients joined into one array, then the parameter
-half per array, reading its slice of the new slots; other arrays take the generic rule.
-1000 arrays of 1000 elements: 1011 loops instead of 3003. Cost: the joined gradients
-are one temporary the size of the run's gradients (XLA does not fuse a concatenation
-of more than 8 arrays into its consumer).
+rule's own step, in two halves: the new slots once over the run's arrays joined into
+one, then the new param per array. A rule built by :func:`polyopt._base.two_part`
+(Adam) gives the halves, and the param half reads its slice of the new slots; for any
+other rule the param half is the whole step on the array and its slices of the old
+slots, of which XLA keeps only the new param (the slot arithmetic is recomputed inside
+that one loop, not stored). The same math as the generic path, either way; other
+arrays take the generic rule. 1000 arrays of 1000 elements: 1011 loops instead of
+3003. Cost: the joined gradients are one temporary the size of the run's gradients
+(XLA does not fuse a concatenation of more than 8 arrays into its consumer).
 
 When nothing in the group is packed:
 
@@ -43,14 +46,20 @@ import jax
 from .. import _xp
 from .._base import Optimizer
 from ..flat import Packed, register_jax
-from ..rules.adam import ADAM
 from . import FastPath, register
 
 register_jax()
 
-#: The generic step of a group (compute dtype, 0-d handling): the fallback.
-_GENERIC = Optimizer(ADAM, {}, impl="generic")
-_MOMENTS, _MOVE = ADAM.parts  # adam and adamw share the rule; options are in hp
+
+_GENERIC: dict = {}
+
+
+def _generic(rule) -> Optimizer:
+    """The generic step of a group (compute dtype, 0-d handling): the fallback."""
+    opt = _GENERIC.get(rule.name)
+    if opt is None or opt.rule is not rule:
+        opt = _GENERIC[rule.name] = Optimizer(rule, {}, impl="generic")
+    return opt
 
 
 def _one_device(params: list) -> bool:
@@ -107,12 +116,22 @@ def _plan(shapes: tuple) -> tuple[tuple[tuple[int, int], ...], tuple]:
     return tuple(segments), tails
 
 
-def init(xp: Any, params: list, names: tuple[str, ...]) -> dict:
-    """Zero state, runs of small arrays packed (a plain list if nothing is)."""
+def init(rule, xp: Any, params: list, hp: dict) -> dict:
+    """The rule's initial state, runs of small arrays packed (a plain list if nothing
+    is)."""
     shapes = tuple(tuple(p.shape) for p in params)
     plan, tails = _plan(shapes)
     if len(plan) == len(params) or not _packable(params):
-        return {name: [xp.zeros_like(p) for p in params] for name in names}
+        return rule.init_slots(params, hp, xp)
+    if rule.init is not None:  # not zeros: the rule's values, joined per run
+        cols = rule.init_slots(params, hp, xp)
+        return {
+            name: Packed(
+                [col[a] if b - a == 1 else _join(xp, list(col[a:b])) for a, b in plan], tails
+            )
+            for name, col in cols.items()
+        }
+    names = rule.slots(hp)
     # placed like the params: on their device if they are committed to one, else left
     # uncommitted as they are (a mix would make jax.jit compile the step twice)
     kwargs = {}
@@ -128,18 +147,19 @@ def init(xp: Any, params: list, names: tuple[str, ...]) -> dict:
     return {name: Packed([zeros(a, b) for a, b in plan], tails) for name in names}
 
 
-def step(xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any) -> tuple[list, dict]:
+def step(rule, xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any):
+    generic = _generic(rule)
     shapes = tuple(tuple(p.shape) for p in params)
     plan, tails = _plan(shapes)
     if len(plan) == len(params):  # nothing to pack
-        return _GENERIC._step_group(xp, params, grads, slots, hp, k)
+        return generic._step_group(xp, params, grads, slots, hp, k)
     names = tuple(slots)
     if all(isinstance(c, Packed) and c.tails == tails for c in slots.values()):
         parts = {name: c.parts for name, c in slots.items()}
     else:
         concrete = all(_xp._device_key(p) is not None for p in params)
         if not (concrete and _packable(params)):
-            return _GENERIC._step_group(xp, params, grads, slots, hp, k)
+            return generic._step_group(xp, params, grads, slots, hp, k)
         # eager, on one device: pack once (a loaded checkpoint); later steps stay packed
         parts = {
             name: [c[a] if b - a == 1 else _join(xp, list(c[a:b])) for a, b in plan]
@@ -150,21 +170,37 @@ def step(xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any) -> t
     for j, (a, b) in enumerate(plan):
         mine = {name: parts[name][j] for name in names}
         if b - a == 1:  # an array of its own: the rule as the generic path runs it
-            ps, ss = _GENERIC._step_group(
+            ps, ss = generic._step_group(
                 xp, params[a:b], grads[a:b], {n: [x] for n, x in mine.items()}, hp, k
             )
             ss = {n: x[0] for n, x in ss.items()}
         else:
-            ps, ss = _run_step(xp, params[a:b], grads[a:b], mine, hp, k)
+            ps, ss = _run_step(rule, xp, params[a:b], grads[a:b], mine, hp, k)
         new_params.extend(ps)
         for name in names:
             new_parts[name].append(ss[name])
     return new_params, {name: Packed(new_parts[name], tails) for name in names}
 
 
-def _run_step(xp: Any, params: list, grads: list, buffers: dict, hp: dict, k: Any):
+def _halves(rule):
+    """``(update_slots, update_param, reads_new)``: the rule's own halves, or the whole
+    step twice (keeping the slots, then the param, which reads the old slots)."""
+    if rule.parts is not None:
+        return (*rule.parts, True)
+
+    def update_slots(p, g, s, hp, t, xp):
+        return rule.step(p, g, s, hp, t, xp)[1]
+
+    def update_param(p, g, s, hp, t, xp):
+        return rule.step(p, g, s, hp, t, xp)[0]
+
+    return update_slots, update_param, False
+
+
+def _run_step(rule, xp: Any, params: list, grads: list, buffers: dict, hp: dict, k: Any):
     """One run of arrays whose slots are ``buffers``: the slot half of the rule once
-    over the joined grads, the param half per array on its slice of the new slots."""
+    over the joined arrays, the param half per array on its slice of the slots."""
+    update_slots, update_param, reads_new = _halves(rule)
     dtype = params[0].dtype
     cdt, hp, t = Optimizer.step_args(xp, dtype, hp, k)
 
@@ -174,12 +210,13 @@ def _run_step(xp: Any, params: list, grads: list, buffers: dict, hp: dict, k: An
     s = {name: compute(b) for name, b in buffers.items()}
     # (under jit XLA drops the joined params when the rule does not read them, as
     # AdamW's moments do not)
-    new_s = _MOMENTS(compute(_join(xp, params)), compute(_join(xp, grads)), s, hp, t, xp)
+    new_s = update_slots(compute(_join(xp, params)), compute(_join(xp, grads)), dict(s), hp, t, xp)
+    read = new_s if reads_new else s
     new_params, lo = [], 0
     for p, g in zip(params, grads):
         size = math.prod(p.shape)
-        mine = {n: xp.reshape(a[lo : lo + size], p.shape) for n, a in new_s.items()}
-        new_p = _MOVE(compute(p), compute(g), mine, hp, t, xp)
+        mine = {n: xp.reshape(a[lo : lo + size], p.shape) for n, a in read.items()}
+        new_p = update_param(compute(p), compute(g), mine, hp, t, xp)
         new_params.append(new_p if new_p.dtype == dtype else xp.astype(new_p, dtype))
         lo += size
     return new_params, {
@@ -192,4 +229,4 @@ def _join(xp: Any, arrays: list) -> Any:
     return xp.concat([xp.reshape(a, (-1,)) for a in arrays])
 
 
-register(("adam", "adamw"), "jax", FastPath(pure=step, init=init))
+register(None, "jax", FastPath(pure=step, init=init))

@@ -1,4 +1,6 @@
-"""PyTorch fast paths for Adam / AdamW, SGD and Adagrad: torch's own fused multi-tensor kernels.
+"""PyTorch fast paths: torch's own fused multi-tensor kernels for Adam / AdamW, SGD and
+Adagrad, and for every other elementwise rule the kernel derived from the rule (CPU,
+:mod:`polyopt.backends._derive`).
 
 The generic path runs about a dozen eager torch operations per tensor, each a Python
 call, a dispatch and (on a GPU) a kernel launch; for a model with hundreds of tensors
@@ -58,16 +60,13 @@ mutate its inputs. The clones are contiguous, so every tensor takes the kernel t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
 
 from .._base import Optimizer
-from ..rules.adadelta import ADADELTA
 from ..rules.adagrad import ADAGRAD
 from ..rules.adam import ADAM
-from ..rules.rmsprop import RMSPROP
 from ..rules.sgd import SGD_RULE
 from . import AmpUnsupported, FastPath, _derive, register
 
@@ -95,10 +94,6 @@ def _fused_devices() -> frozenset:
 _FUSED_DEVICES = _fused_devices()
 
 
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _kernel_decay_error(decay: float, dtype: torch.dtype) -> float:
     """Relative error of the decay ``decay = lr·λ`` when the kernel multiplies by
     ``1 − decay`` rounded to its compute dtype (float64 for float64 params, else float32)."""
@@ -121,22 +116,14 @@ def _derived_takes(device: torch.device, dtype: torch.dtype) -> bool:
 class _Kernel:
     """How one of torch's fused kernels computes one rule.
 
-    - ``scalars``: the hyperparameters the kernel takes as host numbers (the group takes
-      the generic rule when one of them is an array or a traced value).
     - ``takes(hp)``: whether the kernel computes the rule for these hyperparameters.
     - ``launch(lists, t, k, hp, dtype)``: run it on ``[params, grads, *slots]`` of one
       (device, dtype), in place; ``t`` is a float32 tensor holding ``k + 1``.
     """
 
-    def __init__(self, rule, names, scalars, takes, launch, reads_t=True):
+    def __init__(self, rule, names, takes, launch, reads_t=True):
         self.reads_t = reads_t  # the kernel reads the step count from a tensor
-        self.rule, self.names, self.scalars, self.takes, self.launch = (
-            rule,
-            names,
-            scalars,
-            takes,
-            launch,
-        )
+        self.rule, self.names, self.takes, self.launch = rule, names, takes, launch
         self.generic = Optimizer(rule, {}, impl="generic")  # what the kernel cannot take
 
 
@@ -222,27 +209,9 @@ def _sgd_takes(hp):  # the kernel's decay is coupled only
     return not hp["decoupled_weight_decay"] or hp["weight_decay"] == 0
 
 
-_ADAM = _Kernel(ADAM, _adam_names, ("lr", "weight_decay", "eps"), lambda hp: True, _launch_adam)
-_SGD = _Kernel(
-    SGD_RULE,
-    _sgd_names,
-    ("lr", "weight_decay", "momentum", "dampening"),
-    _sgd_takes,
-    _launch_sgd,
-    reads_t=False,  # is_first_step instead
-)
-_ADAGRAD = _Kernel(
-    ADAGRAD,
-    lambda hp: ("sum",),
-    ("lr", "lr_decay", "weight_decay", "eps"),
-    lambda hp: True,
-    _launch_adagrad,
-)
-
-
-def _host_scalars(kernel: _Kernel, hp: dict, k: Any) -> bool:
-    values = [hp[n] for n in kernel.scalars] + list(hp.get("betas", ()))
-    return isinstance(k, int) and all(_number(x) for x in values)
+_ADAM = _Kernel(ADAM, _adam_names, lambda hp: True, _launch_adam)
+_SGD = _Kernel(SGD_RULE, _sgd_names, _sgd_takes, _launch_sgd, reads_t=False)  # is_first_step
+_ADAGRAD = _Kernel(ADAGRAD, lambda hp: ("sum",), lambda hp: True, _launch_adagrad)
 
 
 _NEW = object()
@@ -253,7 +222,7 @@ def _plan(kernel: _Kernel, xp, params, grads, slots, hp, k, inplace, amp=None):
     lists for the kernel and the generic math for the tensors it cannot take are made
     now; the returned commit runs the kernel (in place) and returns ``(params, slots)``."""
     generic = kernel.generic
-    if not _host_scalars(kernel, hp, k) or not kernel.takes(hp):
+    if not _derive.host_values(hp, k) or not kernel.takes(hp):
         if amp is not None:
             raise AmpUnsupported("hyperparameters the kernel does not take")
         result = generic._step_group(xp, params, grads, slots, hp, k)
@@ -347,8 +316,8 @@ def _launch_for(kernel, lists, device, dtype, k, hp, amp=None) -> Callable[[], N
         np_dtype = _NP_DTYPES[dtype]
         derived, _, sc = _derive.numba_kernel(kernel.rule, hp, k + 1, np_dtype)
         ptr = torch.Tensor.data_ptr
-        tab = np.array([list(map(ptr, row)) for row in zip(*lists)], dtype=np.int64)
-        sizes = np.fromiter(map(torch.Tensor.numel, lists[0]), dtype=np.int64, count=len(tab))
+        tab = np.array([list(map(ptr, col)) for col in lists], dtype=np.int64)
+        sizes = np.fromiter(map(torch.Tensor.numel, lists[0]), dtype=np.int64, count=tab.shape[1])
         derived.ready(sizes)
         params = lists[0]
 
@@ -377,33 +346,33 @@ def _launch_all(launches, out):
     return out
 
 
-def _fast_path(kernel: _Kernel) -> FastPath:
-    def pure(xp, params, grads, slots, hp, k):
-        return _plan(kernel, xp, params, grads, slots, hp, k, False)()
+def _fast_path(kernel: _Kernel | None) -> FastPath:
+    """torch's kernel for one rule, or (``None``) the kernel derived from whichever rule
+    the engine passes (CPU)."""
 
-    def inplace(xp, params, grads, slots, hp, k, amp=None):
-        return _plan(kernel, xp, params, grads, slots, hp, k, True, amp)
+    def spec(rule):
+        return kernel if kernel is not None else _derived_spec(rule)
 
-    return FastPath(pure, inplace, amp=kernel.launch is not None)
+    def pure(rule, xp, params, grads, slots, hp, k):
+        return _plan(spec(rule), xp, params, grads, slots, hp, k, False)()
+
+    def inplace(rule, xp, params, grads, slots, hp, k, amp=None):
+        return _plan(spec(rule), xp, params, grads, slots, hp, k, True, amp)
+
+    return FastPath(pure, inplace, amp=kernel is not None and kernel.launch is not None)
 
 
-# RMSprop and Adadelta: no torch kernel, the derived one only (CPU)
-_RMSPROP = _Kernel(
-    RMSPROP,
-    RMSPROP.slots,
-    ("lr", "alpha", "eps", "weight_decay", "momentum"),
-    lambda hp: True,
-    None,
-    reads_t=False,
-)
-_ADADELTA = _Kernel(
-    ADADELTA,
-    ADADELTA.slots,
-    ("lr", "rho", "eps", "weight_decay"),
-    lambda hp: True,
-    None,
-    reads_t=False,
-)
+_DERIVED: dict = {}
+
+
+def _derived_spec(rule) -> _Kernel:
+    """No torch kernel: the one derived from the rule (CPU float32/float64 with numba;
+    other tensors take the generic rule)."""
+    spec = _DERIVED.get(rule.name)
+    if spec is None or spec.rule is not rule:
+        spec = _DERIVED[rule.name] = _Kernel(rule, rule.slots, lambda hp: True, None)
+    return spec
+
 
 FUSED_ADAM = _fast_path(_ADAM)
 if hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_"):
@@ -412,6 +381,5 @@ if hasattr(torch, "_fused_sgd_"):
     register(("sgd",), "torch", _fast_path(_SGD))
 if hasattr(torch, "_fused_adagrad_"):
     register(("adagrad",), "torch", _fast_path(_ADAGRAD))
-if _derive.HAVE_NUMBA:
-    register(("rmsprop",), "torch", _fast_path(_RMSPROP))
-    register(("adadelta",), "torch", _fast_path(_ADADELTA))
+if _derive.HAVE_NUMBA:  # every other elementwise rule: its derived kernel, on CPU
+    register(None, "torch", _fast_path(None))
