@@ -85,8 +85,12 @@ def test_assert_close_checks_shape_dtype_then_values():
 
 
 def test_fused_without_a_fast_path_is_a_clear_error():
-    with pytest.raises(ValueError, match="impl='fused'.*no fused sgd step for numpy"):
-        polyopt.SGD(np.ones(3), impl="fused")
+    import dataclasses
+
+    # a rule that is not elementwise gets no derived fast path
+    reducing = dataclasses.replace(polyopt.sgd().rule, name="reducing", elementwise=False)
+    with pytest.raises(ValueError, match="impl='fused'.*no fused reducing step for numpy"):
+        polyopt.Optimizer(reducing, {}, impl="fused").init([np.ones(3)])
     with pytest.raises(ValueError, match="impl='fused'.*no fused rmsprop step for array_api"):
         polyopt.rmsprop(impl="fused").init([array_api_strict.asarray([1.0])])
     with pytest.raises(ValueError, match="impl must be one of"):

@@ -304,6 +304,7 @@ def test_flags_refused_or_mapped(monkeypatch):
     from polyopt import backends
 
     monkeypatch.delitem(backends.FUSED, ("sgd", "torch"))
+    monkeypatch.delitem(backends.EVERY, "torch")  # and no kernel derived from the rule
     with pytest.raises(RuntimeError, match="polyopt has no fused sgd step for torch tensors"):
         pt.SGD(_params(), fused=True)
 

@@ -8,7 +8,9 @@ of their work: ``torch.cuda.synchronize()``, CuPy's stream ``synchronize()``, JA
 ``block_until_ready``.
 
 Params are float32, split into ``tensors`` equal 1-D arrays holding ``size`` parameters
-in all, with the same values on every backend. NumPy, torch and CuPy run the stateful
+in all, with the same values on every backend: the problems of ``python -m polyopt
+bench`` (``polyopt.bench.make_problem``), every optimizer at the bench's hyperparameters
+(``polyopt.bench.TORCH_HP``: torch's defaults, SGD with momentum 0.9). NumPy, torch and CuPy run the stateful
 form (in place); JAX runs ``jax.jit(opt.update, donate_argnums=(0, 2))``.
 
 Benchmarks:
@@ -18,8 +20,8 @@ Benchmarks:
   the whole process, so it includes the libraries: compare across commits, not across
   backends);
 - ``track_bandwidth_gbs``: effective bandwidth of the median of 5 steps, counting the
-  least memory traffic of the update (float32: 28 bytes/param for Adam/AdamW, 20 for
-  SGD with momentum). See ``python -m polyopt bench`` for the same against the
+  least memory traffic of the update (``polyopt.bench.traffic_bytes``: float32, 28
+  bytes/param for Adam/AdamW, 20 for SGD with momentum). See ``python -m polyopt bench`` for the same against the
   machine's copy bandwidth and against torch.optim / optax.
 """
 
@@ -32,19 +34,16 @@ import time
 
 import numpy as np
 
+import polyopt
+from polyopt import bench
+
 BACKENDS = ["numpy", "torch", "jax", "cupy"]
-OPTIMIZERS = ["adamw", "adam", "sgd"]
+#: functional name -> class name (bench.TORCH_HP is keyed by class name)
+CLASSES = {name: cls.__name__ for name, (_, cls) in polyopt.OPTIMIZERS.items()}
+OPTIMIZERS = sorted(CLASSES)
 IMPLS = ["generic", "fused"]
 LAYOUTS = [1, 100, 1000]  # number of tensors
 SIZES = [100_000, 1_000_000]  # parameters in all
-
-HYPERPARAMS = {
-    "adamw": {"lr": 1e-3, "weight_decay": 1e-2},
-    "adam": {"lr": 1e-3},
-    "sgd": {"lr": 1e-2, "momentum": 0.9},
-}
-#: least memory traffic per float32 parameter: reads + writes of params, grads, state
-BYTES_PER_PARAM = {"adamw": 28, "adam": 28, "sgd": 20}
 
 
 def _preload() -> None:
@@ -72,15 +71,6 @@ _preload()
 
 def _skip(reason: str):
     return NotImplementedError(reason)
-
-
-def _problem(tensors: int, size: int) -> tuple[list, list]:
-    rng = np.random.default_rng(0)
-    base, extra = divmod(size, tensors)
-    sizes = [base + (i < extra) for i in range(tensors)]
-    params = [rng.standard_normal(n, dtype=np.float32) for n in sizes]
-    grads = [rng.standard_normal(n, dtype=np.float32) * np.float32(1e-2) for n in sizes]
-    return params, grads
 
 
 class XPBenchmark:
@@ -127,17 +117,16 @@ class Step(XPBenchmark):
 
     def setup(self, backend, optimizer, impl, tensors, size):
         super().setup(backend)
-        import polyopt
         from polyopt import backends
 
         factory = getattr(polyopt, optimizer)
-        rule = factory().rule.name
+        rule = factory().rule
         if impl == "fused" and not backends.available(rule, backend):
-            raise _skip(f"no fused {rule} path for {backend}")
-        p0, g0 = _problem(tensors, size)
-        params = [self.convert(a) for a in p0]
-        grads = [self.convert(a) for a in g0]
-        hp = HYPERPARAMS[optimizer]
+            raise _skip(f"no fused {rule.name} path for {backend}")
+        pb = bench.make_problem(size, tensors)
+        params = [self.convert(a) for a in pb.params]
+        grads = [self.convert(a) for a in pb.grads]
+        hp = bench.TORCH_HP[CLASSES[optimizer]]
         if backend == "jax":
             jax = self.jax
             opt = factory(**hp, impl=impl)
@@ -158,7 +147,7 @@ class Step(XPBenchmark):
                 sync()
 
         self.step = step
-        self.nbytes = BYTES_PER_PARAM[optimizer] * size
+        self.nbytes = bench.traffic_bytes(CLASSES[optimizer]) * size
         step()  # warm-up: compilation (jit, numba), lazy state, first-touch page faults
         step()
 

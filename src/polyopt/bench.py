@@ -324,8 +324,8 @@ def torch_implementations(name: str) -> list[tuple[str, str, Callable]]:
     return rows
 
 
-def _torch_table(pb: Problem, name: str, rows: list[Row]) -> str:
-    timed = [r for r in rows[1:] if r.ms is not None]
+def _torch_table(pb: Problem, name: str, rows: list[Row], peers=("torch.optim",)) -> str:
+    timed = [r for r in rows if r.ms is not None and r.name.startswith(peers)]
     best = min(timed, key=lambda r: r.ms) if timed else None
     out = []
     for r in rows:
@@ -334,8 +334,158 @@ def _torch_table(pb: Problem, name: str, rows: list[Row]) -> str:
             continue
         ratio = f"{r.ms / best.ms:.2f}x" if best else "-"
         out.append(f"  {r.name:<28} {r.ms:>9.3g} ms  {ratio:>6}")
-    head = f"{name}, {pb.label}: time / the fastest torch.optim ({best.name if best else '-'})"
+    head = f"{name}, {pb.label}: time / the fastest peer ({best.name if best else '-'})"
     return "\n".join([head, *out])
+
+
+# -- --optimizers: every optimizer against its peers ------------------------------------
+
+#: optax's transformation computing (up to where eps sits) each optimizer at TORCH_HP
+OPTAX_TWINS = {
+    "SGD": lambda optax: optax.sgd(1e-3, momentum=0.9),
+    "Adagrad": lambda optax: optax.adagrad(1e-2, initial_accumulator_value=0.0, eps=1e-10),
+    "RMSprop": lambda optax: optax.rmsprop(1e-2, decay=0.99, eps=1e-8, eps_in_sqrt=False),
+    "Adadelta": lambda optax: optax.adadelta(1.0, rho=0.9, eps=1e-6),
+    "Adam": lambda optax: optax.adam(1e-3),
+    "AdamW": lambda optax: optax.adamw(1e-3, weight_decay=1e-2),
+}
+
+
+def traffic_bytes(name: str) -> int:
+    """Bytes per float32 parameter an in-place step of ``name`` (at TORCH_HP) must move:
+    read and write the param and each slot, read the grad."""
+    import polyopt
+
+    cls = getattr(polyopt, name)
+    probe = cls([np.zeros(1, np.float32)], **TORCH_HP[name], impl="generic")
+    return 4 * (3 + 2 * len(probe.state.slots))
+
+
+def _polyopt_class_numpy(name: str) -> Callable:
+    def build(pb: Problem) -> Callable[[], None]:
+        import polyopt
+        from polyopt import backends
+
+        if not backends.available(name.lower(), "numpy"):
+            raise Unavailable("n/a: pip install numba")
+        params, grads = [a.copy() for a in pb.params], [a.copy() for a in pb.grads]
+        opt = getattr(polyopt, name)(params, **TORCH_HP[name], impl="fused")
+        return lambda: opt.step(grads)
+
+    return build
+
+
+def _polyopt_functional_jax(name: str) -> Callable:
+    def build(pb: Problem) -> Callable[[], None]:
+        _need("jax")
+        import polyopt
+
+        jax, params, grads = _jax_arrays(pb)
+        fn = polyopt.OPTIMIZERS[name.lower()][0](**TORCH_HP[name])
+        update = jax.jit(fn.update, donate_argnums=(0, 2))
+        box = [params, fn.init(params)]
+
+        def step():
+            box[0], box[1] = update(box[0], grads, box[1])
+            jax.block_until_ready(box[0])
+
+        return step
+
+    return build
+
+
+def _optax_twin(name: str) -> Callable:
+    def build(pb: Problem) -> Callable[[], None]:
+        _need("jax")
+        _need("optax")
+        import optax
+
+        jax, params, grads = _jax_arrays(pb)
+        return _optax_step(jax, optax, OPTAX_TWINS[name](optax), params, grads)
+
+    return build
+
+
+def _thinc_adam(pb: Problem) -> Callable[[], None]:
+    """thinc's ``NumpyOps.adam`` on one flat float32 buffer per stream (its own layout:
+    one call per step), torch's Adam hyperparameters."""
+    _need("thinc")
+    from thinc.api import NumpyOps
+
+    ops = NumpyOps()
+    w = np.concatenate(pb.params)
+    g = np.concatenate(pb.grads)
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    return lambda: ops.adam(w, g, m, v, 0.9, 0.999, 1e-8, 1e-3)
+
+
+def optimizer_implementations(name: str) -> list[tuple[str, str, Callable]]:
+    """``--optimizers``: polyopt's fast path for ``name`` on each library, and its peers."""
+    rows = [(f"polyopt numpy {name}", "numpy", _polyopt_class_numpy(name))]
+    if name == "Adam":
+        rows.append(("thinc NumpyOps.adam (flat)", "numpy", _thinc_adam))
+    rows.append((f"polyopt.torch.{name}", "torch", _adapter(name)))
+    rows += [(f"torch.optim.{name} {m}", "torch", _torch_class(name, m)) for m in TORCH_MODES]
+    rows.append((f"polyopt jax {name.lower()} jit", "jax", _polyopt_functional_jax(name)))
+    rows.append(("optax twin jit", "jax", _optax_twin(name)))
+    return rows
+
+
+def optimizer_summary(name: str, rows: list[Row], pb: Problem, update_gbs: float) -> list[str]:
+    """The goal ratios of one optimizer at one size: NumPy ÷ best peer, polyopt.torch ÷
+    torch's fastest, JAX ÷ optax, and NumPy's share of the in-place stream bandwidth."""
+    ms = {r.name: r.ms for r in rows if r.ms is not None}
+    torch_best = min((v for k, v in ms.items() if k.startswith("torch.optim")), default=None)
+    peers = [v for k, v in ms.items() if k.startswith(("torch.optim", "optax", "thinc"))]
+    out = []
+    mine = ms.get(f"polyopt numpy {name}")
+    if mine and peers:
+        gbs = traffic_bytes(name) * pb.n_params / (mine * 1e-3) / 1e9
+        out.append(
+            f"numpy {mine / min(peers):.2f}x best peer, {gbs:.3g} GB/s = "
+            f"{100 * gbs / update_gbs:.0f}% of the in-place stream"
+        )
+    if ms.get(f"polyopt.torch.{name}") and torch_best:
+        out.append(f"torch {ms[f'polyopt.torch.{name}'] / torch_best:.2f}x torch's fastest")
+    jx, twin = ms.get(f"polyopt jax {name.lower()} jit"), ms.get("optax twin jit")
+    if jx and twin:
+        out.append(f"jax {jx / twin:.2f}x optax")
+    return out
+
+
+def _main_optimizers(names, sizes, warmup, repeats, libs, sequential) -> int:
+    threads = os.cpu_count() or 1
+    update_gbs = max(bandwidth(256 * 2**20, t, "update") for t in sorted({1, threads}))
+    print(
+        "polyopt bench --optimizers: one float32 step of each optimizer (torch's defaults, "
+        "SGD with momentum 0.9), polyopt's fast path on each library against its peers"
+    )
+    print(f"machine: {platform.machine()}, {threads} CPUs; libraries: {_versions()}")
+    print(f"in-place stream (np.add(a, b, out=a), 256 MiB float32): {update_gbs:.3g} GB/s")
+    summary = []
+    for n, t in sizes:
+        pb = make_problem(n, t)
+        for name in names:
+            impls = optimizer_implementations(name)
+            n_impls = sum(lib in libs for _, lib, _ in impls)
+            interleave = not sequential and fits_interleaved(pb, n_impls)
+            rows = run_size(pb, warmup, repeats, libs, interleave, impls)
+            print()
+            print(_torch_table(pb, name, rows, peers=("torch.optim", "optax", "thinc")))
+            line = optimizer_summary(name, rows, pb, update_gbs)
+            print("  " + "; ".join(line))
+            summary.append(f"{name:<9} {human(pb.n_params)}/{pb.n_tensors}: " + "; ".join(line))
+            sys.stdout.flush()
+    print("\nsummary (ratios in the same run):")
+    print("\n".join("  " + x for x in summary))
+    print(
+        f"\nms: median of {repeats} steps after {warmup} warm-up steps, "
+        + ("one implementation after another" if sequential else "in interleaved rounds")
+        + "; ratio: time / the fastest peer (torch.optim's modes, optax under jax.jit with "
+        "donation, thinc for Adam). GB/s: the least traffic of the step (read and write "
+        "param and slots, read grad) / time."
+    )
+    return 0
 
 
 #: (name, library key for --libs, builder). Order = rows of the table.
@@ -689,6 +839,12 @@ def _parser() -> argparse.ArgumentParser:
         "for-loop) for every optimizer, float32, torch's .grad interface",
     )
     p.add_argument(
+        "--optimizers",
+        metavar="NAMES",
+        help="instead: each optimizer's fast path on NumPy, torch and JAX against its peers "
+        "(torch.optim's modes, optax, thinc for Adam); comma-separated class names or 'all'",
+    )
+    p.add_argument(
         "--memory",
         action="store_true",
         help="instead of timing: extra bytes one step of polyopt's NumPy paths allocates",
@@ -724,6 +880,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.torch:
         return _main_torch(sizes, warmup, repeats, args.sequential)
+    if args.optimizers:
+        names = list(TORCH_HP) if args.optimizers == "all" else args.optimizers.split(",")
+        bad = [x for x in names if x not in TORCH_HP]
+        if bad:
+            _parser().error(f"--optimizers: unknown {bad}; choose from {', '.join(TORCH_HP)}")
+        return _main_optimizers(names, sizes, warmup, repeats, libs, args.sequential)
 
     copy_bytes = (64 if args.quick else 256) * 2**20
     threads = os.cpu_count() or 1
