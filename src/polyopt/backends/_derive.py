@@ -76,11 +76,20 @@ class Node:
 
     # arithmetic: a Python number becomes a constant of the program
     def _bin(self, op, other, swap=False):
-        o = self.tape.ref(other)
-        if o is NotImplemented:
-            return NotImplemented
-        self.tape.ops.append((op, (o, self.ref) if swap else (self.ref, o)))
-        return Node(self.tape, len(self.tape.ops) - 1)
+        tape = self.tape
+        kind = type(other)
+        if kind is Node:
+            o = other.ref
+        elif kind is float or kind is int:  # the common cases first: this runs per step
+            tape.consts.append(float(other))
+            o = -len(tape.consts)
+        else:
+            o = tape.ref(other)
+            if o is NotImplemented:
+                return NotImplemented
+        ops = tape.ops
+        ops.append((op, (o, self.ref) if swap else (self.ref, o)))
+        return Node(tape, len(ops) - 1)
 
     def __add__(self, o):
         return self._bin("+", o)
