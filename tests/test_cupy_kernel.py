@@ -1,11 +1,13 @@
-"""The fused CuPy Adam/AdamW kernels (polyopt.backends._cuda_source, polyopt.backends.cupy).
+"""The CuPy kernels derived from each rule (polyopt.backends._cuda_source, polyopt.backends.cupy).
 
-Without a GPU (and without cupy):
+Every variant below (each optimizer and option) is traced at every step it runs
+(:func:`polyopt.backends._derive.program`); its distinct element programs are the
+kernels under test. Without a GPU (and without cupy):
 
-- compile: nvcc compiles ``standalone_source(dtype)`` (the device function, the
+- compile: nvcc compiles ``standalone_source(key, dtype)`` (the device function, the
   elementwise kernels wrapped from the very body strings CuPy gets, the multi-tensor
-  kernel) and ``multi_tensor_source(dtype)`` (what cupy.RawModule gets), for float16,
-  bfloat16, float32 and float64. Where cupy imports, CuPy's own code generator also
+  kernel) of every program, and ``multi_tensor_source(key, dtype)`` (what
+  cupy.RawModule gets), for float16, bfloat16, float32 and float64. Where cupy imports, CuPy's own code generator also
   writes the exact ElementwiseKernel sources, which nvcc compiles with CuPy's headers,
   and, where CuPy's NVRTC library loads, NVRTC compiles them as CuPy would.
 - CPU emulation: the same translation unit, with the CUDA keywords defined away and
@@ -49,8 +51,21 @@ GXX = shutil.which("g++")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 STEPS = 20
 
-#: The variants: (factory, hyperparameters).
+#: The variants: (factory, hyperparameters): every optimizer, its options.
 VARIANTS = {
+    "sgd": (polyopt.sgd, dict(lr=0.05)),
+    "sgd_nesterov_l2": (polyopt.sgd, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    "sgdw_dampening_maximize": (
+        polyopt.sgd,
+        dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.1, decoupled_weight_decay=True,
+             maximize=True),
+    ),
+    "adagrad": (polyopt.adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.05,
+                                      initial_accumulator_value=0.1)),
+    "rmsprop_centered_momentum": (
+        polyopt.rmsprop, dict(lr=0.01, centered=True, momentum=0.5, weight_decay=0.05)
+    ),
+    "adadelta": (polyopt.adadelta, dict(lr=1.0, weight_decay=0.05, maximize=True)),
     "adam": (polyopt.adam, dict(lr=0.02, betas=(0.9, 0.99))),
     "adam_l2": (polyopt.adam, dict(lr=0.02, weight_decay=0.05)),
     "adamw": (polyopt.adamw, dict(lr=0.02, weight_decay=0.1)),
@@ -68,6 +83,32 @@ VARIANTS = {
 }
 #: Normalized error bound (max|a - b| / max|b|) of the kernels against the generic path.
 TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2}
+
+
+@functools.cache
+def programs(variant: str) -> list:
+    """The element program of each of the variant's STEPS steps."""
+    from polyopt.backends import _derive
+
+    factory, hp = VARIANTS[variant]
+    opt = factory(**hp, impl="generic")
+    return [_derive.program(opt.rule, _at_step(opt.hyperparams, k), k + 1) for k in range(STEPS)]
+
+
+@functools.cache
+def all_keys() -> tuple:
+    """Every distinct program key of every variant, in a fixed order."""
+    keys: dict = {}
+    for v in VARIANTS:
+        for prog in programs(v):
+            keys.setdefault(prog.key, None)
+    return tuple(keys)
+
+
+def combined_source(dtype: str, **kwargs) -> str:
+    """One translation unit holding every program's kernels (repeated typedefs of the
+    same type are valid C++; the helpers are guarded)."""
+    return "\n".join(src.standalone_source(k, dtype, **kwargs) for k in all_keys())
 
 
 def rel_error(a, b) -> float:
@@ -117,26 +158,42 @@ needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ is not on PATH")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_standalone_source_compiles_with_nvcc(dtype, build_dir):
     path = build_dir / f"standalone_{dtype}.cu"
-    _check(_nvcc(src.standalone_source(dtype), path), "nvcc", path)
+    _check(_nvcc(combined_source(dtype), path), "nvcc", path)
 
 
 @needs_nvcc
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_multi_tensor_module_source_compiles_with_nvcc(dtype, build_dir):
+    key = programs("adamw")[1].key
     path = build_dir / f"multi_tensor_{dtype}.cu"
-    _check(_nvcc(src.multi_tensor_source(dtype), path), "nvcc", path)
+    _check(_nvcc(src.multi_tensor_source(key, dtype), path), "nvcc", path)
 
 
 def test_standalone_source_is_built_from_the_elementwise_spec_strings():
-    """The wrapper nvcc compiles carries the body CuPy gets, verbatim, and every kernel."""
-    text = src.standalone_source("float32")
-    for spec in src.elementwise_specs("float32"):
+    """The wrapper nvcc compiles carries the body CuPy gets, verbatim, and every kernel;
+    the element math is written once per program, and the program is the rule's."""
+    key = programs("adamw")[1].key
+    name = src.program_name(key)
+    text = src.standalone_source(key, "float32")
+    for spec in src.elementwise_specs(key, "float32"):
         assert spec.body in text and f"void {spec.name}(" in text
         assert spec.preamble in text
-    assert text.count("__forceinline__ void polyopt_adam_element") == 1  # math: once
-    assert f"void {src.multi_tensor_name('float32')}(" in text
+    assert text.count(f"__forceinline__ void {name}_element(") == 1  # math: once
+    assert f"void {src.multi_tensor_name(key, 'float32')}(" in text
+    assert text.count("polyopt_sqrt(") >= 3  # the rule's sqrt (and its two definitions)
     with pytest.raises(ValueError, match="dtype must be one of"):
-        src.standalone_source("int32")
+        src.standalone_source(key, "int32")
+
+
+def test_every_optimizer_has_one_program_for_all_its_steps():
+    """Every optimizer is among the variants, and each variant is one program over its
+    steps: the count, schedules and bias corrections enter as constants (one compilation
+    per run), and the variants' options make 14 distinct programs."""
+    names = {polyopt.OPTIMIZERS[f][0]().rule.name for f in polyopt.OPTIMIZERS}
+    traced = {VARIANTS[v][0]().rule.name for v in VARIANTS}
+    assert names <= traced
+    assert all(len({p.key for p in programs(v)}) == 1 for v in VARIANTS)
+    assert len(all_keys()) == len({programs(v)[0].key for v in VARIANTS})
 
 
 def _cupy_generated_sources(dtype: str) -> tuple[str, tuple[str, ...]]:
@@ -158,7 +215,8 @@ def _cupy_generated_sources(dtype: str) -> tuple[str, tuple[str, ...]]:
     headers = list(core._cupy_header_list) + ["cupy/float16.cuh"]
     headers += ["cupy/bfloat16.cuh"] if dtype == "bfloat16" else []
     parts = ["".join(f"#include <{h}>\n" for h in headers)]
-    for i, spec in enumerate(src.elementwise_specs(src.COMPUTE[dtype])):
+    specs = [s for key in all_keys()[:4] for s in src.elementwise_specs(key, src.COMPUTE[dtype])]
+    for i, spec in enumerate(specs):
         kern = cupy.ElementwiseKernel(
             spec.in_params, spec.out_params, spec.body, spec.name, preamble=spec.preamble
         )
@@ -229,7 +287,8 @@ def test_cupy_sources_compile_with_nvrtc(dtype):
     except (AttributeError, TypeError, ImportError, RuntimeError) as e:
         pytest.skip(f"CuPy's compiler setup is not reachable here: {e!r}")
     options += ("--gpu-architecture=compute_80",)
-    for what, source in [("elementwise", code), ("multi-tensor", src.multi_tensor_source(dtype))]:
+    multi = src.multi_tensor_source(programs("adamw")[1].key, dtype)
+    for what, source in [("elementwise", code), ("multi-tensor", multi)]:
         try:
             ptx, _ = compiler._NVRTCProgram(source, f"{what}.cu").compile(options)
         except compiler.CompileException as e:
@@ -273,8 +332,8 @@ HOST_TYPES = {"float16": "_Float16", "float32": "float", "float64": "double"}
 def host_source(dtype: str) -> str:
     """standalone_source(dtype) for a host compiler, plus one launcher per kernel that
     runs every (block, thread) of a launch in turn."""
-    out = [HOST_PRELUDE, src.standalone_source(dtype, p_ctype=HOST_TYPES[dtype], header="")]
-    for name, params in src.standalone_kernels(dtype):
+    out = [HOST_PRELUDE, combined_source(dtype, p_ctype=HOST_TYPES[dtype], header="")]
+    for name, params in (k for key in all_keys() for k in src.standalone_kernels(key, dtype)):
         decls = ", ".join(f"{t} {n}" for t, n in params)
         args = ", ".join(n for _, n in params)
         out.append(
@@ -296,12 +355,14 @@ class HostKernels:
         self.compute = src.COMPUTE[dtype]
         self.np_dtype = np.float16 if dtype == "float16" else np.dtype(dtype).type
         c = ctypes.c_float if self.compute == "float32" else ctypes.c_double
-        self.fns = {}
-        for name, params in src.standalone_kernels(dtype):
+        self.fns, self.params = {}, {}
+        kernels = [k for key in all_keys() for k in src.standalone_kernels(key, dtype)]
+        for name, params in kernels:
             fn = getattr(lib, f"host_{name}")
             types = [ctypes.c_uint, ctypes.c_uint]
             for t, _ in params:
                 types.append(ctypes.c_void_p if "*" in t else (CTYPE[t] or c))
+            self.params[name] = params
             fn.argtypes, fn.restype = types, None
             self.fns[name] = (fn, params)
 
@@ -374,16 +435,12 @@ def generic_run(variant: str, dtype: str):
     return opt.hyperparams, opt.rule, out
 
 
-STATE = ("m", "v", "vmax")
-
-
 def emulate(kern: HostKernels, variant: str, strategy: str, inplace: bool):
     """Run the kernels as polyopt.backends.cupy launches them; yield (params, slots) per
     step, slots as ``{name: [array per param]}``. Pure steps must leave their inputs
     untouched (checked here)."""
     hp, rule, _ = generic_run(variant, kern.dtype)
     p0, gs = problem(kern.dtype)
-    amsgrad = bool(hp["amsgrad"])
     names = rule.slots(hp)
     sizes = [int(np.prod(s, dtype=np.int64)) for s in SHAPES]
     dt = kern.np_dtype
@@ -401,11 +458,18 @@ def emulate(kern: HostKernels, variant: str, strategy: str, inplace: bool):
         v[...] = p
     if strategy != "span":  # separate arrays (not one buffer)
         params = [p.copy() for p in params]
-    state = {n: new() for n in STATE[: len(names)]}  # fused init: flat zero state
+    init = rule.init_slots([np.asarray(p, np.float64) for p in p0], hp, np)
+    state = {}  # fused init: flat state, the rule's initial values
+    for j, n in enumerate(names):
+        buf, views = new()
+        for v, x in zip(views, init[n]):
+            v[...] = x
+        state[f"s{j}"] = (buf, views)
     for k, g_list in enumerate(gs):
-        hp_k = _at_step(hp, k)
-        scalars, flags = src.kernel_scalars(hp_k, k)
-        values = dict(zip(src.SCALARS, scalars)) | dict(zip(src.FLAGS, flags))
+        prog = programs(variant)[k]
+        assert prog.names == tuple(names)
+        consts = prog.constants(np.float32 if kern.compute == "float32" else np.float64)
+        values = {f"c{i}": float(c) for i, c in enumerate(consts)}
         gbuf, grads = new()
         for v, g in zip(grads, g_list):
             v[...] = g
@@ -418,19 +482,17 @@ def emulate(kern: HostKernels, variant: str, strategy: str, inplace: bool):
         else:
             out_p = new()[1] if strategy != "span" else None
             out_state = {n: new() for n in state}
+        name = src.elementwise_spec(prog.key, inplace, kern.compute).name
         if strategy == "span":
             if inplace:
                 arrays = {"_raw_p": pbuf, "_raw_g": gbuf} | {
                     f"_raw_{n}": b for n, (b, _) in state.items()
                 }
-                name_kind = "inplace"
             else:
                 obuf, out_p = new()
                 arrays = {"_raw_p_in": pbuf, "_raw_g": gbuf, "_raw_p": obuf}
                 arrays |= {f"_raw_{n}_in": b for n, (b, _) in state.items()}
                 arrays |= {f"_raw_{n}": b for n, (b, _) in out_state.items()}
-                name_kind = "pure"
-            name = f"polyopt_adam_{name_kind}{'_amsgrad' if amsgrad else ''}_{kern.compute}"
             kern(name, 3, 5, values | arrays | {"_n": sum(sizes)})
         elif strategy == "elementwise":
             for i, n_el in enumerate(sizes):
@@ -440,13 +502,10 @@ def emulate(kern: HostKernels, variant: str, strategy: str, inplace: bool):
                 if inplace:
                     arrays = {"_raw_p": params[i], "_raw_g": grads[i]}
                     arrays |= {f"_raw_{n}": a for n, a in st.items()}
-                    name_kind = "inplace"
                 else:
                     arrays = {"_raw_p_in": params[i], "_raw_g": grads[i], "_raw_p": out_p[i]}
                     arrays |= {f"_raw_{n}_in": a for n, a in st.items()}
                     arrays |= {f"_raw_{n}": out_state[n][1][i] for n in st}
-                    name_kind = "pure"
-                name = f"polyopt_adam_{name_kind}{'_amsgrad' if amsgrad else ''}_{kern.compute}"
                 kern(name, 2, 4, values | arrays | {"_n": n_el})
         else:  # multi_tensor
             idx = [i for i, n_el in enumerate(sizes) if n_el > 0]
@@ -454,20 +513,15 @@ def emulate(kern: HostKernels, variant: str, strategy: str, inplace: bool):
             def ptr(arrays, idx=idx):
                 return [arrays[i].ctypes.data for i in idx]
 
-            pointers = {"p_in": ptr(params), "g_in": ptr(grads), "p_out": ptr(out_p)}
-            for n, (_, views) in state.items():
-                pointers[f"{n}_in"] = ptr(views)
-                pointers[f"{n}_out"] = ptr(out_state[n][1])
+            pointers = [ptr(params), ptr(grads), *[ptr(v) for _, v in state.values()]]
+            pointers += [ptr(out_p), *[ptr(v) for _, v in out_state.values()]]
             tbl = src.multi_tensor_table(pointers, [sizes[i] for i in idx], chunk_size=5)
-            tables = {
-                name: tbl.table[a:b]
-                for (_, name), (a, b) in zip(src.MULTI_TENSOR_PARAMS, tbl.slices)
-            }
+            params_list = src.multi_tensor_params(prog.key)
+            tables = {name: tbl.table[a:b] for (_, name), (a, b) in zip(params_list, tbl.slices)}
             # (the slices are views into one table: HostKernels passes their addresses)
             values = values | tables | {"n_chunks": tbl.n_chunks, "chunk_size": tbl.chunk_size}
-            values["amsgrad"] = int(amsgrad)
             assert tbl.n_chunks > 3  # fewer blocks than chunks: blocks walk the table
-            kern(src.multi_tensor_name(kern.dtype), 3, 4, values)
+            kern(src.multi_tensor_name(prog.key, kern.dtype), 3, 4, values)
         if not inplace:  # pure: inputs untouched
             for a, b in zip(params, before[0]):
                 np.testing.assert_array_equal(a, b)
@@ -476,10 +530,9 @@ def emulate(kern: HostKernels, variant: str, strategy: str, inplace: bool):
             params, state = out_p, out_state
             if strategy == "span":
                 pbuf = obuf
-        slot_names = dict(zip(STATE, names))
         yield (
             [p.copy() for p in params],
-            {slot_names[n]: [v.copy() for v in views] for n, (_, views) in state.items()},
+            {names[j]: [v.copy() for v in state[f"s{j}"][1]] for j in range(len(names))},
         )
 
 
@@ -516,32 +569,18 @@ def test_kernels_on_cpu_match_the_generic_path(variant, dtype, strategy, inplace
     assert worst <= TOL[dtype], f"error {worst:.3g} > {TOL[dtype]:g} at {where}"
 
 
-def test_kernel_scalars_are_the_rules_host_float64_values():
-    hp = polyopt.adamw(lr=0.1, betas=(0.8, 0.9), weight_decay=0.5).hyperparams
-    (scalars, flags) = src.kernel_scalars(hp, 2)
-    s = dict(zip(src.SCALARS, scalars))
-    assert s["step_size"] == 0.1 / (1 - 0.8**3)
-    assert s["bc2_sqrt"] == (1 - 0.9**3) ** 0.5
-    assert s["lr_wd"] == 0.1 * 0.5 and s["one_minus_beta1"] == 1 - 0.8
-    assert dict(zip(src.FLAGS, flags)) == {"maximize": 0, "decay": 1, "decoupled": 1}
-    # array step count / lr: not the kernels' business (the generic path runs instead)
-    assert src.kernel_scalars(hp, np.asarray(2)) is None
-    assert src.kernel_scalars({**hp, "lr": np.asarray(0.1)}, 2) is None
-
-
 def test_multi_tensor_table_chunks_cover_every_element_once():
     sizes = [1, 5, 11, 2**33 + 3]  # 64-bit sizes and offsets
-    tbl = src.multi_tensor_table({"p_in": [8, 16, 24, 32]}, sizes, chunk_size=2**32)
-    t = dict(zip([n for _, n in src.MULTI_TENSOR_PARAMS], tbl.slices))
-    tensor = tbl.table[slice(*t["chunk_tensor"])]
-    start = tbl.table[slice(*t["chunk_start"])]
+    tbl = src.multi_tensor_table([[8, 16, 24, 32], [0, 0, 0, 0]], sizes, chunk_size=2**32)
+    tensor, start, size, p_in = (tbl.table[slice(*tbl.slices[i])] for i in (3, 4, 2, 0))
     assert tensor.tolist() == [0, 1, 2, 3, 3, 3]
     assert start.tolist() == [0, 0, 0, 0, 2**32, 2**33]
-    assert tbl.table[slice(*t["sizes"])].tolist() == sizes
-    assert tbl.table[slice(*t["p_in"])].tolist() == [8, 16, 24, 32]
-    assert not tbl.table[slice(*t["vmax_out"])].any()  # absent tables are null
+    assert size.tolist() == sizes
+    assert p_in.tolist() == [8, 16, 24, 32]
     with pytest.raises(ValueError, match="size > 0"):
-        src.multi_tensor_table({}, [3, 0])
+        src.multi_tensor_table([[1, 2]], [3, 0])
+    with pytest.raises(ValueError, match="2 pointers for 3 arrays"):
+        src.multi_tensor_table([[1, 2]], [3, 1, 1])
 
 
 # -- (b') polyopt.backends.cupy itself on the CPU ------------------------------------------
@@ -637,7 +676,7 @@ def fake_cupy(host: dict) -> types.ModuleType:
             assert name in self.code
 
             def launch(grid, block, args):
-                params = src.MULTI_TENSOR_PARAMS
+                params = host[dtype].params[name]
                 assert len(args) == len(params)
                 values = {}
                 for (t, n), a in zip(params, args):
@@ -714,7 +753,9 @@ LAYOUT_PATH = {
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "pure"])
 @pytest.mark.parametrize("layout", list(LAYOUT_PATH))
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
-@pytest.mark.parametrize("variant", ["adamw", "amsgrad_maximize_l2", "adamw_cosine"])
+@pytest.mark.parametrize(
+    "variant", ["adamw", "amsgrad_maximize_l2", "adamw_cosine", "sgd_nesterov_l2", "adagrad"]
+)
 def test_cupy_module_launch_logic_on_cpu(variant, dtype, layout, inplace, cupy_on_cpu):
     mod, xp = cupy_on_cpu, FakeXP()
     factory, hp0 = VARIANTS[variant]
@@ -726,10 +767,12 @@ def test_cupy_module_launch_logic_on_cpu(variant, dtype, layout, inplace, cupy_o
     ref_state = opt.init(ref_p)
     slots = mod.init(rule, xp, params, hp)
     assert set(slots) == set(rule.slots(hp))  # {name: one array per param}
-    for name in rule.slots(hp):  # the state is flat and zero
+    for name in rule.slots(hp):  # the state is flat and holds the rule's initial values
         views = slots[name]
         assert len(views) == len(params)
-        assert all(isinstance(v, FakeCupyArray) and not v.any() for v in views)
+        assert all(isinstance(v, FakeCupyArray) for v in views)
+        for v, r in zip(views, ref_state.slots[name]):
+            np.testing.assert_array_equal(np.asarray(v), r)
         assert flat.span(views) is not None or not any(v.size for v in views)
     for k in range(STEPS):
         grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
@@ -745,7 +788,9 @@ def test_cupy_module_launch_logic_on_cpu(variant, dtype, layout, inplace, cupy_o
             {n: [np.array(a, copy=True) for a in arrays] for n, arrays in slots.items()},
         )
         CALLS.clear()
-        new_p, new_slots = mod.step(xp, params, grads_in, slots, _at_step(hp, k), k, inplace)
+        new_p, new_slots = mod.step(
+            rule, xp, params, grads_in, slots, _at_step(hp, k), k, inplace
+        )
         path = LAYOUT_PATH[layout]
         if not inplace and k > 0 and layout == "strided":
             path = ("span",)  # the pure step's outputs are flat: the next step is one span
@@ -783,7 +828,7 @@ def test_cupy_module_falls_back_to_the_generic_rule_for_an_array_step(cupy_on_cp
     params[0][...] = 1.0
     slots = mod.init(opt.rule, xp, params, opt.hyperparams)
     grads = [np.full(3, 0.5, np.float32).view(FakeCupyArray)]
-    new_p, _ = mod.step(xp, params, grads, slots, opt.hyperparams, np.asarray(0), False)
+    new_p, _ = mod.step(opt.rule, xp, params, grads, slots, opt.hyperparams, np.asarray(0), False)
     assert mod.LAST_PATH == ("generic",)
     ref, _ = opt.update(
         [np.ones(3, np.float32)], [np.full(3, 0.5, np.float32)], opt.init([np.ones(3, np.float32)])
@@ -799,9 +844,9 @@ def test_cupy_module_imports_and_registers_without_a_gpu():
     from polyopt import backends
     from polyopt.backends import cupy as fused
 
-    assert backends.FUSED[("adam", "cupy")] is backends.FUSED[("adamw", "cupy")]
-    assert backends.FUSED[("adamw", "cupy")].init is fused.init
-    assert len(fused.ELEMENTWISE) == 8  # (amsgrad, inplace, compute): built, not compiled
+    for name, (factory, _) in polyopt.OPTIMIZERS.items():  # every rule: the derived path
+        assert backends.lookup(factory().rule, "cupy", "auto").init is fused.init
+    assert not fused.ELEMENTWISE  # built on first use, per program
 
 
 def test_benchmark_script_runs_its_help_and_refuses_without_a_gpu():
@@ -846,7 +891,7 @@ def _gpu_run(variant, dtype, shape, impl, form, steps=STEPS, layout="list"):
         params = flat.pack(params)
     out = []
     if form == "stateful":
-        cls = {polyopt.adam: polyopt.Adam, polyopt.adamw: polyopt.AdamW}[factory]
+        cls = next(c for f, c in polyopt.OPTIMIZERS.values() if f is factory)
         opt = cls(params, **hp, impl=impl)
         for g in gs:
             if layout == "flat":
@@ -1012,7 +1057,7 @@ def test_gpu_auto_uses_the_fused_path_and_array_lr_falls_back():
     hp.pop("params")
     grads = [cp.ones(10, dtype=cp.float32), cp.ones(3, dtype=cp.float32)]
     xp = array_api_compat.array_namespace(*params)
-    ps, ss = fused.step(xp, params, grads, opt.state.slots, hp, 1, False)
+    ps, ss = fused.step(opt._opt.rule, xp, params, grads, opt.state.slots, hp, 1, False)
     assert fused.LAST_PATH == ("generic",) and len(ps) == 2
     assert set(ss) == {"exp_avg", "exp_avg_sq"} and all(len(a) == 2 for a in ss.values())
 

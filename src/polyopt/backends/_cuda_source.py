@@ -1,35 +1,43 @@
-"""The fused Adam/AdamW CUDA kernels as source text, written once (no cupy import).
+"""The CUDA kernels of a rule, as source text generated from its element program (no cupy import).
 
-- :data:`DEVICE_FUNCTION`: ``polyopt_adam_element<Compute>``, the update of one element,
-  the same operations in the same order as ``polyopt.rules.adam._step``; and
-  ``polyopt_adam_apply<P, G, Compute>``, which loads one element of each array in its
-  storage type, calls it in the compute type and stores the results. Every kernel below
-  calls ``polyopt_adam_apply``; none writes the math again.
+A rule's step traced by :func:`polyopt.backends._derive.program` is an element program:
+its structure (``key``: the operations in the rule's order) and this step's host
+constants. From the key this module writes, for any rule:
+
+- :func:`device_function`: ``{name}_element<C>`` (the update of one element in the
+  compute type ``C``: the rule's operations in its order, each constant a parameter) and
+  ``{name}_apply<P, G, C>`` (loads one element of each array in its storage type, calls
+  it, stores the results). Every kernel below calls ``{name}_apply``; none writes the
+  math again, and nothing here names an optimizer.
 - :func:`elementwise_spec`: the ``cupy.ElementwiseKernel`` arguments (in/out parameter
-  lists, body, preamble) of the four variants: in place or pure, with or without AMSGrad.
-  ``P`` (params and state) and ``G`` (grads) are CuPy type placeholders; the compute type
-  ``C`` is a typedef in the preamble (float for float16/bfloat16/float32 params, double
-  for float64) and the scalar parameters are declared in its dtype. C cannot be a
-  placeholder: CuPy infers placeholders from array arguments only (a scalar takes a
-  placeholder's type, never gives it), and no array is of the compute type.
-- :func:`multi_tensor_source`: one ``extern "C" __global__`` kernel per param dtype that
-  updates a LIST of arrays in one launch, from device tables of pointers and sizes and a
-  host-made table of (tensor, start) chunks (:func:`multi_tensor_table`).
+  lists, body, preamble), in place or pure. ``P`` (params and state) and ``G`` (grads)
+  are CuPy type placeholders; the compute type ``C`` is a typedef in the preamble (float
+  for float16/bfloat16/float32 params, double for float64) and the constants are
+  declared in its dtype. C cannot be a placeholder: CuPy infers placeholders from array
+  arguments only (a scalar takes a placeholder's type, never gives it), and no array is
+  of the compute type.
+- :func:`multi_tensor_source`: one ``extern "C" __global__`` kernel per (program, param
+  dtype) that updates a LIST of arrays in one launch, from device tables of pointers and
+  sizes and a host-made table of (tensor, start) chunks (:func:`multi_tensor_table`).
 - :func:`standalone_source`: one complete .cu file (headers, typedefs, the device
   function, ``__global__`` wrappers generated from the elementwise specs the way CuPy
   generates its kernels, and the multi-tensor kernel) so that nvcc can check it all
   without a GPU, and a host compiler can run it on the CPU (tests/test_cupy_kernel.py).
-- :func:`kernel_scalars`: the host side: the scalars every kernel takes, computed in
-  float64 from the hyperparameters at step ``k`` exactly as the rule computes them.
+
+The constants are this step's host values (``Program.constants``: the rule's own Python
+arithmetic in float64, rounded once to the compute type), as every derived kernel takes
+them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+
+from ._derive import element_code
 
 #: Options for NVRTC (CuPy) and nvcc alike. ``--fmad=false``: no fused multiply-add
 #: contraction, so each ``a * b + c`` rounds twice as in the generic path's separate
@@ -48,88 +56,100 @@ CUDA_TYPES = {
     "float64": ("double", ""),
 }
 
-#: The host-computed scalars, in kernel argument order (all in the compute type).
-#: ``lr_wd`` is ``lr * weight_decay`` rounded once from float64 (the rule's ``(lr * wd)``);
-#: ``one_minus_beta*`` are ``1 - beta`` in float64, rounded once (the rule's ``(1 - b1)``).
-SCALARS = (
-    "lr_wd",
-    "weight_decay",
-    "beta1",
-    "one_minus_beta1",
-    "beta2",
-    "one_minus_beta2",
-    "step_size",
-    "bc2_sqrt",
-    "eps",
-)
-#: Runtime flags (int32 0/1), in kernel argument order after the scalars. ``decay``: the
-#: rule's ``on(weight_decay)``; ``decoupled``: AdamW's decay instead of L2 on the gradient.
-#: AMSGrad picks the elementwise variant, and is one more flag of the multi-tensor kernel.
-FLAGS = ("maximize", "decay", "decoupled")
-
 #: Threads per block and elements per chunk of the multi-tensor kernel.
 MULTI_TENSOR_BLOCK = 512
 MULTI_TENSOR_CHUNK = 65536
 
-_SCALAR_DECLS = "".join(f"    const Compute {n},\n" for n in SCALARS)
-
-DEVICE_FUNCTION = (
-    r"""
-// polyopt: one Adam / AdamW element update. The math of polyopt.rules.adam._step, with
-// the same operations in the same order; Compute is float or double.
+#: The element functions a program may call, for float and double (one definition per
+#: translation unit, however many programs it holds). ``maximum``/``minimum`` keep a
+#: NaN, as numpy.maximum does.
+HELPERS = r"""
+#ifndef POLYOPT_HELPERS
+#define POLYOPT_HELPERS
 __device__ __forceinline__ float polyopt_sqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double polyopt_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float polyopt_exp(float x) { return expf(x); }
+__device__ __forceinline__ double polyopt_exp(double x) { return exp(x); }
+__device__ __forceinline__ float polyopt_expm1(float x) { return expm1f(x); }
+__device__ __forceinline__ double polyopt_expm1(double x) { return expm1(x); }
+__device__ __forceinline__ float polyopt_log(float x) { return logf(x); }
+__device__ __forceinline__ double polyopt_log(double x) { return log(x); }
+__device__ __forceinline__ float polyopt_abs(float x) { return fabsf(x); }
+__device__ __forceinline__ double polyopt_abs(double x) { return fabs(x); }
+__device__ __forceinline__ float polyopt_pow(float x, float y) { return powf(x, y); }
+__device__ __forceinline__ double polyopt_pow(double x, double y) { return pow(x, y); }
+template <typename T>
+__device__ __forceinline__ T polyopt_maximum(T a, T b) { return (a > b || a != a) ? a : b; }
+template <typename T>
+__device__ __forceinline__ T polyopt_minimum(T a, T b) { return (a < b || a != a) ? a : b; }
+#endif
+"""
 
-template <typename Compute>
-__device__ __forceinline__ void polyopt_adam_element(
-    Compute& p, Compute g, Compute& m, Compute& v, Compute& vmax,
-"""
-    + _SCALAR_DECLS
-    + r"""    const bool amsgrad, const bool maximize, const bool decay, const bool decoupled) {
-  if (maximize) g = -g;
-  if (decay) {
-    if (decoupled) p = p - lr_wd * p;            // AdamW: p * (1 - lr * wd)
-    else g = g + weight_decay * p;               // Adam: L2 added to the gradient
-  }
-  m = beta1 * m + one_minus_beta1 * g;
-  v = beta2 * v + one_minus_beta2 * (g * g);
-  Compute vhat = v;
-  if (amsgrad) {
-    if (vmax > vhat || vmax != vmax) vhat = vmax;  // max that keeps NaN, as numpy.maximum
-    vmax = vhat;
-  }
-  const Compute denom = polyopt_sqrt(vhat) / bc2_sqrt + eps;
-  p = p - step_size * (m / denom);
-}
 
-// Load one element of each array in its storage type (P, G), update in Compute, store.
-// In place, the *_out references are the *_in ones: everything is read before any write.
-// vmax_in / vmax_out are only dereferenced with amsgrad.
-template <typename P, typename G, typename Compute>
-__device__ __forceinline__ void polyopt_adam_apply(
-    const P& p_in, const G& g_in, const P& m_in, const P& v_in, const P* vmax_in,
-    P& p_out, P& m_out, P& v_out, P* vmax_out,
-"""
-    + _SCALAR_DECLS
-    + r"""    const bool amsgrad, const bool maximize, const bool decay, const bool decoupled) {
-  Compute p = static_cast<Compute>(p_in);
-  Compute m = static_cast<Compute>(m_in);
-  Compute v = static_cast<Compute>(v_in);
-  Compute vmax = amsgrad ? static_cast<Compute>(*vmax_in) : static_cast<Compute>(0);
-  polyopt_adam_element<Compute>(p, static_cast<Compute>(g_in), m, v, vmax,
-"""
-    + "".join(f"      {n},\n" for n in SCALARS)
-    + r"""      amsgrad, maximize, decay, decoupled);
-  p_out = static_cast<P>(p);
-  m_out = static_cast<P>(m);
-  v_out = static_cast<P>(v);
-  if (amsgrad) *vmax_out = static_cast<P>(vmax);
-}
-"""
-)
+def _expr(op: str, args: list[str]) -> str:
+    """One operation of the element program in C (the compute type is ``C``)."""
+    if op in ("+", "-", "*", "/"):
+        return f"({args[0]} {op} {args[1]})"
+    if op == ">":
+        return f"(({args[0]} > {args[1]}) ? C(1) : C(0))"
+    if op == "**":
+        return f"polyopt_pow({args[0]}, {args[1]})"
+    if op == "neg":
+        return f"(-{args[0]})"
+    if op == "float":  # the arrays' dtype: the compute type already
+        return f"({args[0]})"
+    return f"polyopt_{op}({', '.join(args)})"
 
-_CALL_SCALARS = ", ".join(SCALARS)
-_CALL_FLAGS = ", ".join(FLAGS)
+
+def program_name(key: tuple) -> str:
+    """A C identifier for the program ``key`` (its hash: programs differ by structure)."""
+    return "polyopt_" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+
+
+def _slots(key: tuple) -> int:
+    return len(key[0])
+
+
+def n_constants(key: tuple) -> int:
+    return element_code(key, _expr)[2]
+
+
+def device_function(key: tuple) -> str:
+    """``{name}_element<C>`` and ``{name}_apply<P, G, C>`` for the program ``key``."""
+    name = program_name(key)
+    body, outs, n = element_code(key, _expr)
+    s = _slots(key)
+    consts = "".join(f", const C c{i}" for i in range(n))
+    const_args = "".join(f", c{i}" for i in range(n))
+    refs = "".join(f", C& x_{j}" for j in range(s))
+    lines = [
+        f"// one element of the rule's step (program {name}), in the rule's order",
+        "template <typename C>",
+        f"__device__ __forceinline__ void {name}_element(C& x_p, const C x_g{refs}{consts}) {{",
+    ]
+    lines += [f"  const C {b};" for b in body]
+    targets = ["x_p", *[f"x_{j}" for j in range(s)]]
+    # every output first into a temporary: an output may read an input another replaces
+    lines += [f"  const C o{i} = {out};" for i, out in enumerate(outs)]
+    lines += [f"  {t} = o{i};" for i, t in enumerate(targets)]
+    lines.append("}")
+    ins = "".join(f", const P& s{j}_in" for j in range(s))
+    outs_decl = "".join(f", P& s{j}_out" for j in range(s))
+    lines += [
+        "// load each array's element in its storage type, update in C, store; in place the",
+        "// *_out references are the *_in ones: everything is read before any write",
+        "template <typename P, typename G, typename C>",
+        f"__device__ __forceinline__ void {name}_apply(",
+        f"    const P& p_in, const G& g_in{ins}, P& p_out{outs_decl}{consts}) {{",
+        "  C x_p = static_cast<C>(p_in);",
+    ]
+    lines += [f"  C x_{j} = static_cast<C>(s{j}_in);" for j in range(s)]
+    xs = "".join(f", x_{j}" for j in range(s))
+    lines.append(f"  {name}_element<C>(x_p, static_cast<C>(g_in){xs}{const_args});")
+    lines.append("  p_out = static_cast<P>(x_p);")
+    lines += [f"  s{j}_out = static_cast<P>(x_{j});" for j in range(s)]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -143,109 +163,99 @@ class ElementwiseSpec:
     preamble: str
 
 
-def elementwise_preamble(compute: str) -> str:
-    """The preamble of the elementwise kernels of one compute dtype."""
-    return f"typedef {CTYPES[compute]} C;\n" + DEVICE_FUNCTION
+def elementwise_preamble(key: tuple, compute: str) -> str:
+    """The preamble of the elementwise kernels of one program and compute dtype."""
+    return f"typedef {CTYPES[compute]} C;\n" + HELPERS + device_function(key)
 
 
-def elementwise_spec(amsgrad: bool, inplace: bool, compute: str) -> ElementwiseSpec:
-    """One elementwise variant. In place: inputs ``g`` and the scalars, outputs the param
-    and state arrays, updated where they are. Pure: the param and state arrays are inputs
-    too (``*_in``) and the outputs are new arrays."""
+def elementwise_spec(key: tuple, inplace: bool, compute: str) -> ElementwiseSpec:
+    """In place: inputs ``g`` and the constants, outputs the param and state arrays,
+    updated where they are. Pure: the param and state arrays are inputs too (``*_in``)
+    and the outputs are new arrays."""
     if compute not in ("float32", "float64"):
         raise ValueError(f"compute must be 'float32' or 'float64', got {compute!r}")
-    state = ("m", "v", "vmax") if amsgrad else ("m", "v")
-    scalars = ", ".join(f"{compute} {n}" for n in SCALARS)
-    flags = ", ".join(f"int32 {n}" for n in FLAGS)
-    out_params = ", ".join(f"P {n}" for n in ("p",) + state)
+    name, s, n = program_name(key), _slots(key), n_constants(key)
+    consts = "".join(f", {compute} c{i}" for i in range(n))
+    const_args = "".join(f", c{i}" for i in range(n))
+    state = [f"s{j}" for j in range(s)]
+    out_params = ", ".join(f"P {x}" for x in ["p", *state])
+    outs = "".join(f", {x}" for x in state)
     if inplace:
-        src = {n: n for n in ("p",) + state}
-        in_params = f"G g, {scalars}, {flags}"
+        in_params = f"G g{consts}"
+        body = f"{name}_apply<P, G, C>(p, g{outs}, p{outs}{const_args})"
     else:
-        src = {n: f"{n}_in" for n in ("p",) + state}
-        arrays = ", ".join([f"P {src['p']}", "G g"] + [f"P {src[n]}" for n in state])
-        in_params = f"{arrays}, {scalars}, {flags}"
-    if amsgrad:
-        vmax_in, vmax_out = f"&{src['vmax']}", "&vmax"
-    else:
-        vmax_in, vmax_out = "static_cast<const P*>(nullptr)", "static_cast<P*>(nullptr)"
-    body = (
-        f"polyopt_adam_apply<P, G, C>({src['p']}, g, {src['m']}, {src['v']}, {vmax_in}, "
-        f"p, m, v, {vmax_out}, {_CALL_SCALARS}, {'true' if amsgrad else 'false'}, "
-        f"{_CALL_FLAGS})"
+        in_params = "P p_in, G g" + "".join(f", P {x}_in" for x in state) + consts
+        ins = "".join(f", {x}_in" for x in state)
+        body = f"{name}_apply<P, G, C>(p_in, g{ins}, p{outs}{const_args})"
+    kind = "inplace" if inplace else "pure"
+    return ElementwiseSpec(
+        f"{name}_{kind}_{compute}", in_params, out_params, body, elementwise_preamble(key, compute)
     )
-    name = "polyopt_adam_{}{}_{}".format(
-        "inplace" if inplace else "pure", "_amsgrad" if amsgrad else "", compute
-    )
-    return ElementwiseSpec(name, in_params, out_params, body, elementwise_preamble(compute))
 
 
-def elementwise_specs(compute: str) -> list[ElementwiseSpec]:
-    """All four variants of one compute dtype."""
-    return [elementwise_spec(a, i, compute) for i in (True, False) for a in (False, True)]
+def elementwise_specs(key: tuple, compute: str) -> list[ElementwiseSpec]:
+    """Both variants (in place, pure) of one program and compute dtype."""
+    return [elementwise_spec(key, inplace, compute) for inplace in (True, False)]
 
 
 # -- the multi-tensor kernel -------------------------------------------------------------
 
-#: Pointer tables of the multi-tensor kernel, in argument (and table) order.
-POINTER_TABLES = (
-    ("p_in", "const P* const*"),
-    ("g_in", "const G* const*"),
-    ("m_in", "const P* const*"),
-    ("v_in", "const P* const*"),
-    ("vmax_in", "const P* const*"),
-    ("p_out", "P* const*"),
-    ("m_out", "P* const*"),
-    ("v_out", "P* const*"),
-    ("vmax_out", "P* const*"),
-)
-#: The whole parameter list of the multi-tensor kernel: (C declaration, name).
-MULTI_TENSOR_PARAMS = (
-    [(t, n) for n, t in POINTER_TABLES]
-    + [
-        ("const long long*", "sizes"),
-        ("const long long*", "chunk_tensor"),
-        ("const long long*", "chunk_start"),
-        ("const long long", "n_chunks"),
-        ("const long long", "chunk_size"),
-    ]
-    + [("const C", n) for n in SCALARS]
-    + [("const int", n) for n in ("amsgrad",) + FLAGS]
-)
 
-MULTI_TENSOR_KERNEL = r"""
-// polyopt: Adam / AdamW over a list of arrays in one launch. Chunk c covers elements
-// [chunk_start[c], chunk_start[c] + chunk_size) of array chunk_tensor[c]; blocks walk
-// the chunks (grid-stride), threads the elements of a chunk (block-stride). 64-bit
-// indices throughout. With in place updates the *_out tables equal the *_in tables.
-extern "C" __global__ void {name}(
-{params}) {{
-  for (long long c = blockIdx.x; c < n_chunks; c += gridDim.x) {{
-    const long long t = chunk_tensor[c];
-    const long long start = chunk_start[c];
-    const long long stop = start + chunk_size < sizes[t] ? start + chunk_size : sizes[t];
-    const P* pi = p_in[t];
-    const G* gi = g_in[t];
-    const P* mi = m_in[t];
-    const P* vi = v_in[t];
-    P* po = p_out[t];
-    P* mo = m_out[t];
-    P* vo = v_out[t];
-    const P* ai = amsgrad ? vmax_in[t] : nullptr;
-    P* ao = amsgrad ? vmax_out[t] : nullptr;
-    for (long long i = start + threadIdx.x; i < stop; i += blockDim.x) {{
-      polyopt_adam_apply<P, G, C>(pi[i], gi[i], mi[i], vi[i], amsgrad ? ai + i : nullptr,
-                                  po[i], mo[i], vo[i], amsgrad ? ao + i : nullptr,
-                                  {scalars},
-                                  amsgrad != 0, maximize != 0, decay != 0, decoupled != 0);
-    }}
-  }}
-}}
-"""
+def pointer_tables(key: tuple) -> list[tuple[str, str]]:
+    """The multi-tensor kernel's pointer tables ``(name, C type)``, in argument (and
+    table) order: each input stream, then each output stream."""
+    s = _slots(key)
+    ins = [("p_in", "const P* const*"), ("g_in", "const G* const*")]
+    ins += [(f"s{j}_in", "const P* const*") for j in range(s)]
+    outs = [("p_out", "P* const*")] + [(f"s{j}_out", "P* const*") for j in range(s)]
+    return ins + outs
 
 
-def multi_tensor_name(dtype: str) -> str:
-    return f"polyopt_adam_multi_tensor_{dtype}"
+def multi_tensor_params(key: tuple) -> list[tuple[str, str]]:
+    """The whole parameter list of the multi-tensor kernel: (C declaration, name)."""
+    return (
+        [(t, n) for n, t in pointer_tables(key)]
+        + [
+            ("const long long*", "sizes"),
+            ("const long long*", "chunk_tensor"),
+            ("const long long*", "chunk_start"),
+            ("const long long", "n_chunks"),
+            ("const long long", "chunk_size"),
+        ]
+        + [("const C", f"c{i}") for i in range(n_constants(key))]
+    )
+
+
+def multi_tensor_name(key: tuple, dtype: str) -> str:
+    return f"{program_name(key)}_multi_tensor_{dtype}"
+
+
+def _multi_tensor_kernel(key: tuple, dtype: str) -> str:
+    """A list of arrays in one launch. Chunk c covers elements [chunk_start[c],
+    chunk_start[c] + chunk_size) of array chunk_tensor[c]; blocks walk the chunks
+    (grid-stride), threads the elements of a chunk (block-stride). 64-bit indices
+    throughout. In place, the *_out tables equal the *_in tables."""
+    s = _slots(key)
+    params = ",\n".join(f"    {t} {n}" for t, n in multi_tensor_params(key))
+    loads = [f"    const P* s{j}i = s{j}_in[t];" for j in range(s)]
+    loads += [f"    P* s{j}o = s{j}_out[t];" for j in range(s)]
+    ins = "".join(f", s{j}i[i]" for j in range(s))
+    outs = "".join(f", s{j}o[i]" for j in range(s))
+    consts = "".join(f", c{i}" for i in range(n_constants(key)))
+    return (
+        f'extern "C" __global__ void {multi_tensor_name(key, dtype)}(\n{params}) {{\n'
+        "  for (long long c = blockIdx.x; c < n_chunks; c += gridDim.x) {\n"
+        "    const long long t = chunk_tensor[c];\n"
+        "    const long long start = chunk_start[c];\n"
+        "    const long long stop = start + chunk_size < sizes[t] ? start + chunk_size : sizes[t];\n"
+        "    const P* pi = p_in[t];\n"
+        "    const G* gi = g_in[t];\n"
+        "    P* po = p_out[t];\n"
+        + "\n".join(loads)
+        + "\n    for (long long i = start + threadIdx.x; i < stop; i += blockDim.x) {\n"
+        f"      {program_name(key)}_apply<P, G, C>(pi[i], gi[i]{ins}, po[i]{outs}{consts});\n"
+        "    }\n  }\n}\n"
+    )
 
 
 def _typedefs(dtype: str, p_ctype: str | None) -> str:
@@ -257,20 +267,12 @@ def _header(dtype: str, header: str | None) -> str:
     return CUDA_TYPES[dtype][1] if header is None else header
 
 
-def _multi_tensor_kernel(dtype: str) -> str:
-    params = ",\n".join(f"    {t} {n}" for t, n in MULTI_TENSOR_PARAMS)
-    return MULTI_TENSOR_KERNEL.format(
-        name=multi_tensor_name(dtype), params=params, scalars=_CALL_SCALARS
-    )
-
-
-def multi_tensor_source(dtype: str) -> str:
+def multi_tensor_source(key: tuple, dtype: str) -> str:
     """The ``cupy.RawModule`` source of the multi-tensor kernel for ``dtype`` params."""
-    compute = COMPUTE[dtype]
     return (
         f"{_header(dtype, None)}\n{_typedefs(dtype, None)}"
-        + elementwise_preamble(compute)  # typedef C + the device function
-        + _multi_tensor_kernel(dtype)
+        + elementwise_preamble(key, COMPUTE[dtype])  # typedef C, helpers, the device function
+        + _multi_tensor_kernel(key, dtype)
     )
 
 
@@ -278,7 +280,7 @@ def multi_tensor_source(dtype: str) -> str:
 class MultiTensorTable:
     """Everything the multi-tensor kernel reads besides the arrays, in one int64 array
     (one host-to-device copy): the pointer tables, sizes, chunk tensors, chunk starts.
-    ``slices`` gives each kernel argument's [start, stop) in ``table``."""
+    ``slices`` gives each of those kernel arguments' [start, stop) in ``table``."""
 
     table: np.ndarray
     slices: tuple[tuple[int, int], ...]
@@ -287,10 +289,10 @@ class MultiTensorTable:
 
 
 def multi_tensor_table(
-    pointers: dict[str, list[int]], sizes: list[int], chunk_size: int = MULTI_TENSOR_CHUNK
+    pointers: list[list[int]], sizes: list[int], chunk_size: int = MULTI_TENSOR_CHUNK
 ) -> MultiTensorTable:
-    """Build the table for arrays of ``sizes`` (all > 0) from their data ``pointers``
-    (one list per name of :data:`POINTER_TABLES`; ``vmax_*`` may be missing: zeros)."""
+    """The table for arrays of ``sizes`` (all > 0) from their data ``pointers`` (one
+    list per pointer table, in :func:`pointer_tables` order)."""
     n = len(sizes)
     sz = np.asarray(sizes, dtype=np.int64)
     if n == 0 or np.any(sz <= 0) or chunk_size <= 0:
@@ -301,14 +303,10 @@ def multi_tensor_table(
     first = np.repeat(np.cumsum(counts) - counts, counts)  # index of each tensor's chunk 0
     chunk_start = (np.arange(n_chunks, dtype=np.int64) - first) * chunk_size
     rows = []
-    for name, _ in POINTER_TABLES:
-        ptrs = pointers.get(name)
-        if ptrs is None:
-            rows.append(np.zeros(n, dtype=np.int64))
-        else:
-            if len(ptrs) != n:
-                raise ValueError(f"{name}: {len(ptrs)} pointers for {n} arrays")
-            rows.append(np.asarray(ptrs, dtype=np.uint64).view(np.int64))
+    for j, ptrs in enumerate(pointers):
+        if len(ptrs) != n:
+            raise ValueError(f"pointer table {j}: {len(ptrs)} pointers for {n} arrays")
+        rows.append(np.asarray(ptrs, dtype=np.uint64).view(np.int64))
     rows += [sz, chunk_tensor, chunk_start]
     table = np.concatenate(rows)
     slices, start = [], 0
@@ -324,7 +322,7 @@ _PARAM = re.compile(r"^\s*(\S+)\s+(\w+)\s*$")
 
 
 def parse_params(params: str) -> list[tuple[str, str]]:
-    """``"P p, float32 lr"`` -> ``[("P", "p"), ("float32", "lr")]`` as CuPy reads it: a
+    """``"P p, float32 c0"`` -> ``[("P", "p"), ("float32", "c0")]`` as CuPy reads it: a
     one-letter type is a placeholder (an array here), any other a dtype (a scalar here)."""
     out = []
     for item in params.split(","):
@@ -369,67 +367,31 @@ def elementwise_wrapper(spec: ElementwiseSpec) -> str:
     )
 
 
-def standalone_source(dtype: str, *, p_ctype: str | None = None, header: str | None = None) -> str:
-    """A complete .cu translation unit for ``dtype`` params: header, typedefs, the device
-    function, the four elementwise kernels as CuPy would generate them (from the same
-    spec strings) and the multi-tensor kernel. ``p_ctype`` / ``header`` replace the
-    param type and its include (e.g. ``_Float16`` and no header for a host compiler)."""
+def standalone_source(
+    key: tuple, dtype: str, *, p_ctype: str | None = None, header: str | None = None
+) -> str:
+    """A complete .cu translation unit for the program ``key`` on ``dtype`` params:
+    header, typedefs, the device function, both elementwise kernels as CuPy would
+    generate them (from the same spec strings) and the multi-tensor kernel.
+    ``p_ctype`` / ``header`` replace the param type and its include (e.g. ``_Float16``
+    and no header for a host compiler)."""
     if dtype not in COMPUTE:
         raise ValueError(f"dtype must be one of {sorted(COMPUTE)}, got {dtype!r}")
     compute = COMPUTE[dtype]
-    specs = elementwise_specs(compute)
+    specs = elementwise_specs(key, compute)
     return (
-        f"// polyopt fused Adam/AdamW kernels for {dtype} params (compute in {compute})\n"
+        f"// polyopt kernels of program {program_name(key)} for {dtype} params "
+        f"(compute in {compute})\n"
         f"{_header(dtype, header)}\n{_typedefs(dtype, p_ctype)}"
-        + elementwise_preamble(compute)
+        + elementwise_preamble(key, compute)
         + "\n".join(elementwise_wrapper(s) for s in specs)
-        + _multi_tensor_kernel(dtype)
+        + _multi_tensor_kernel(key, dtype)
     )
 
 
-def standalone_kernels(dtype: str) -> list[tuple[str, list[tuple[str, str]]]]:
+def standalone_kernels(key: tuple, dtype: str) -> list[tuple[str, list[tuple[str, str]]]]:
     """``(name, parameter list)`` of every kernel in :func:`standalone_source`."""
-    specs = elementwise_specs(COMPUTE[dtype])
+    specs = elementwise_specs(key, COMPUTE[dtype])
     return [(s.name, wrapper_params(s)) for s in specs] + [
-        (multi_tensor_name(dtype), list(MULTI_TENSOR_PARAMS))
+        (multi_tensor_name(key, dtype), multi_tensor_params(key))
     ]
-
-
-# -- the host side -----------------------------------------------------------------------
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def kernel_scalars(hp: dict, k: Any) -> tuple[tuple[float, ...], tuple[int, ...]] | None:
-    """The kernels' scalars (:data:`SCALARS`, float64) and flags (:data:`FLAGS`) for the
-    hyperparameters ``hp`` at the 0-based step ``k``, computed on the host as the rule
-    computes them (bias corrections ``1 - beta**t`` in float64). None when ``k`` or a
-    hyperparameter is not a Python number (an array: the generic path handles it)."""
-    from .._base import bias_correction, scalar_sqrt  # the rule's own helpers
-
-    lr, wd = hp["lr"], hp["weight_decay"]
-    numbers = (k, lr, wd, hp["eps"], *hp["betas"])
-    if not (isinstance(k, int) and all(_is_number(x) for x in numbers)):
-        return None
-    b1, b2 = (float(b) for b in hp["betas"])
-    lr, wd, eps = float(lr), float(wd), float(hp["eps"])
-    t = k + 1
-    values = {
-        "lr_wd": lr * wd,
-        "weight_decay": wd,
-        "beta1": b1,
-        "one_minus_beta1": 1 - b1,
-        "beta2": b2,
-        "one_minus_beta2": 1 - b2,
-        "step_size": lr / bias_correction(b1, t, None),
-        "bc2_sqrt": scalar_sqrt(bias_correction(b2, t, None), None),
-        "eps": eps,
-    }
-    flags = {
-        "maximize": bool(hp["maximize"]),
-        "decay": wd != 0,
-        "decoupled": bool(hp["decoupled_weight_decay"]),
-    }
-    return tuple(float(values[n]) for n in SCALARS), tuple(int(flags[n]) for n in FLAGS)

@@ -1,7 +1,8 @@
-"""Fused Adam / AdamW for CuPy arrays (imported on first use of CuPy arrays).
+"""Fused steps of every elementwise rule for CuPy arrays (imported on first use of CuPy arrays).
 
-The math is ``polyopt_adam_element`` in :mod:`polyopt.backends._cuda_source`, the same
-operations as ``polyopt.rules.adam._step``; this module only chooses how to launch it:
+The math is the rule's own step, traced into an element program
+(:func:`polyopt.backends._derive.program`) and written out as CUDA by
+:mod:`polyopt.backends._cuda_source`; this module only chooses how to launch it:
 
 (a) params, grads and every state slot are each one run of arrays back to back in one
     buffer (:func:`polyopt.flat.span`): ONE elementwise launch over the 1-D spans;
@@ -10,14 +11,14 @@ operations as ``polyopt.rules.adam._step``; this module only chooses how to laun
 (c) a single array, or a non-contiguous one: one elementwise launch for it (CuPy's
     indexing handles any strides and 0-d arrays).
 
-Zero-size arrays launch nothing. Scalars are computed on the host in float64
-(:func:`~polyopt.backends._cuda_source.kernel_scalars`) and rounded once to the compute
-type (float32 for float16/bfloat16/float32 params, float64 for float64). The state made
-by :func:`init` is flat: one buffer per (slot, dtype). In the stateful form everything
-is prepared (outputs, multi-tensor kernels compiled, pointer tables on the device)
-before the first launch. A step whose ``lr``,
-``weight_decay`` or step count is an array rather than a Python number runs the generic
-rule instead (same numbers, more launches).
+Zero-size arrays launch nothing. The constants are the step's host values (float64,
+the rule's own arithmetic) rounded once to the compute type (float32 for
+float16/bfloat16/float32 params, float64 for float64). The state made by :func:`init` is
+flat: one buffer per (slot, dtype), holding the rule's initial values. In the stateful
+form everything is prepared (outputs, multi-tensor kernels compiled, pointer tables on
+the device) before the first launch. A step whose hyperparameters or step count are
+arrays rather than Python numbers (:func:`polyopt.backends._derive.host_values`) runs
+the generic rule instead (same numbers, more launches).
 
 ``LAST_PATH`` holds the launches of the last step (``("span",)``, ``("multi_tensor",)``,
 ``("elementwise", ...)``, ``("generic",)``); ``LAUNCHES`` counts them all.
@@ -26,7 +27,6 @@ rule instead (same numbers, more launches).
 from __future__ import annotations
 
 import collections
-import functools
 from typing import Any
 
 import cupy
@@ -34,8 +34,7 @@ import numpy as np
 
 from .. import flat
 from .._base import Optimizer
-from ..rules import adam as _adam
-from . import FastPath, register
+from . import FastPath, _derive, register
 from . import _cuda_source as src
 
 #: Launches of the last step, in order; and a running count per kind.
@@ -55,25 +54,32 @@ def _elementwise_kernel(spec: src.ElementwiseSpec) -> cupy.ElementwiseKernel:
     )
 
 
-#: The elementwise kernels, built once: (amsgrad, inplace, compute dtype) -> kernel.
-#: Constructing an ElementwiseKernel compiles nothing: CuPy compiles (and caches on disk)
-#: at the first call for each argument-type combination.
-ELEMENTWISE: dict[tuple[bool, bool, str], cupy.ElementwiseKernel] = {
-    (amsgrad, inplace, compute): _elementwise_kernel(
-        src.elementwise_spec(amsgrad, inplace, compute)
-    )
-    for compute in ("float32", "float64")
-    for inplace in (True, False)
-    for amsgrad in (False, True)
-}
+#: The elementwise kernels, built on first use: (program key, inplace, compute) ->
+#: kernel. Constructing an ElementwiseKernel compiles nothing: CuPy compiles (and caches
+#: on disk) at the first call for each argument-type combination.
+ELEMENTWISE: dict[tuple, cupy.ElementwiseKernel] = {}
 
 
-@functools.cache
-def multi_tensor_kernel(dtype: str) -> cupy.RawKernel:
-    """The multi-tensor kernel for ``dtype`` params, compiled (and cached on disk by
-    CuPy) the first time a step asks for it."""
-    module = cupy.RawModule(code=src.multi_tensor_source(dtype), options=src.OPTIONS)
-    return module.get_function(src.multi_tensor_name(dtype))
+def elementwise_kernel(key: tuple, inplace: bool, compute: str) -> cupy.ElementwiseKernel:
+    kernel = ELEMENTWISE.get((key, inplace, compute))
+    if kernel is None:
+        kernel = ELEMENTWISE[(key, inplace, compute)] = _elementwise_kernel(
+            src.elementwise_spec(key, inplace, compute)
+        )
+    return kernel
+
+
+_MULTI: dict[tuple, Any] = {}
+
+
+def multi_tensor_kernel(key: tuple, dtype: str):
+    """The multi-tensor kernel of the program ``key`` for ``dtype`` params, compiled (and
+    cached on disk by CuPy) the first time a step asks for it."""
+    kernel = _MULTI.get((key, dtype))
+    if kernel is None:
+        module = cupy.RawModule(code=src.multi_tensor_source(key, dtype), options=src.OPTIONS)
+        kernel = _MULTI[(key, dtype)] = module.get_function(src.multi_tensor_name(key, dtype))
+    return kernel
 
 
 #: Device copies of multi-tensor tables, by (device, table bytes): the stateful form
@@ -81,23 +87,22 @@ def multi_tensor_kernel(dtype: str) -> cupy.RawKernel:
 _TABLES: collections.OrderedDict = collections.OrderedDict()
 _TABLES_MAX = 16
 
-#: The generic step of one array (compute dtype, 0-d handling): the fallback.
-_GENERIC = Optimizer(_adam.ADAM, {}, impl="generic")
+_GENERIC: dict = {}
 
 
-def _slot_names(hp: dict) -> tuple[str, ...]:
-    return _adam.ADAM.slots(hp)
+def _generic(rule) -> Optimizer:
+    """The generic step of one array (compute dtype, 0-d handling): the fallback."""
+    opt = _GENERIC.get(rule.name)
+    if opt is None or opt.rule is not rule:
+        opt = _GENERIC[rule.name] = Optimizer(rule, {}, impl="generic")
+    return opt
 
 
-def _scalars(host: tuple, compute: str) -> tuple:
-    """The scalars rounded once from float64 to the compute type (as NumPy rounds a
-    Python float met with a float32 array)."""
-    kind = np.float32 if compute == "float32" else np.float64
-    return tuple(kind(x) for x in host[0])
-
-
-def _flags(host: tuple) -> tuple:
-    return tuple(np.int32(f) for f in host[1])
+def _constants(prog: _derive.Program, compute: str) -> tuple:
+    """The step's constants rounded once from float64 to the compute type (as NumPy
+    rounds a Python float met with a float32 array)."""
+    n = src.n_constants(prog.key)
+    return tuple(prog.constants(np.float32 if compute == "float32" else np.float64)[:n])
 
 
 def _empty_like(xp: Any, arrays: list) -> list:
@@ -117,13 +122,13 @@ def _empty_like(xp: Any, arrays: list) -> list:
 
 
 def init(rule, xp: Any, params: list, hp: dict) -> dict[str, list]:
-    """Zero state (Adam's), flat: for each slot, one buffer per dtype holding every
+    """The rule's initial state, flat: for each slot, one buffer per dtype holding every
     array's view."""
     slots: dict[str, list] = {}
-    for name in rule.slots(hp):
+    for name, col in rule.init_slots(params, hp, xp).items():
         slots[name] = _empty_like(xp, params)
-        for buffer in _buffers(slots[name]):
-            buffer.fill(0)
+        for view, value in zip(slots[name], col):
+            view[...] = value
     return slots
 
 
@@ -139,13 +144,12 @@ def _buffers(views: list) -> list:
     return [b for b in out if b.size > 0]
 
 
-def _plan(xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inplace: bool):
-    """One fused Adam/AdamW update of a run of arrays (see the module docstring):
-    outputs allocated, kernels compiled and tables uploaded now; the returned commit
-    launches (in place: into params and slots) and returns ``(params, slots)``."""
-    host = src.kernel_scalars(hp, k)
-    if host is None:  # an array lr / weight_decay / step count: the generic rule
-        result = _GENERIC._step_group(xp, params, grads, slots, hp, k)
+def _plan(rule, xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inplace: bool):
+    """One fused update of a run of arrays (see the module docstring): outputs
+    allocated, kernels compiled and tables uploaded now; the returned commit launches
+    (in place: into params and slots) and returns ``(params, slots)``."""
+    if not _derive.host_values(hp, k):  # an array hyperparameter or count: the generic rule
+        result = _generic(rule)._step_group(xp, params, grads, slots, hp, k)
 
         def commit_generic():
             global LAST_PATH
@@ -155,8 +159,8 @@ def _plan(xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inp
 
         return commit_generic
 
-    names = _slot_names(hp)
-    amsgrad = bool(hp["amsgrad"])
+    prog = _derive.program(rule, hp, k + 1)
+    names = prog.names
     state = [list(slots[n]) for n in names]  # one list per slot name
     if inplace:
         out_p, out_s = list(params), state
@@ -168,9 +172,9 @@ def _plan(xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inp
         out_s = [_empty_like(xp, s) for s in state]
 
     with params[0].device:
-        launch = _span_launch(params, grads, state, out_p, out_s, amsgrad, inplace, host)
+        launch = _span_launch(prog, params, grads, state, out_p, out_s, inplace)
         if launch is None:
-            launch = _list_launches(params, grads, state, out_p, out_s, amsgrad, inplace, host)
+            launch = _list_launches(prog, params, grads, state, out_p, out_s, inplace)
 
     def commit():
         global LAST_PATH
@@ -183,20 +187,20 @@ def _plan(xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inp
     return commit
 
 
-def step(xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inplace: bool):
+def step(rule, xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any, inplace: bool):
     """One update, planned and committed at once (``inplace``: into params and slots)."""
-    return _plan(xp, params, grads, slots, hp, k, inplace)()
+    return _plan(rule, xp, params, grads, slots, hp, k, inplace)()
 
 
 def pure(rule, xp, params, grads, slots, hp, k):
-    return _plan(xp, params, grads, slots, hp, k, False)()
+    return _plan(rule, xp, params, grads, slots, hp, k, False)()
 
 
 def inplace(rule, xp, params, grads, slots, hp, k):
-    return _plan(xp, params, grads, slots, hp, k, True)
+    return _plan(rule, xp, params, grads, slots, hp, k, True)
 
 
-def _span_launch(params, grads, state, out_p, out_s, amsgrad, inplace, host):
+def _span_launch(prog, params, grads, state, out_p, out_s, inplace):
     """Strategy (a): one elementwise launch over 1-D spans, as a thunk that launches and
     returns the launch names; None if not applicable."""
     groups = [params, grads, *state] + ([] if inplace else [out_p, *out_s])
@@ -211,9 +215,9 @@ def _span_launch(params, grads, state, out_p, out_s, amsgrad, inplace, host):
     if p.size == 0:
         return lambda: []  # nothing to update: no launch
     if inplace:
-        call = _elementwise(p, g, st, p, st, amsgrad, True, host)
+        call = _elementwise(prog, p, g, st, p, st, True)
     else:
-        call = _elementwise(p, g, st, spans[2 + n], spans[3 + n :], amsgrad, False, host)
+        call = _elementwise(prog, p, g, st, spans[2 + n], spans[3 + n :], False)
 
     def launch():
         call()
@@ -222,17 +226,17 @@ def _span_launch(params, grads, state, out_p, out_s, amsgrad, inplace, host):
     return launch
 
 
-def _elementwise(p, g, st, po, so, amsgrad, inplace, host):
+def _elementwise(prog, p, g, st, po, so, inplace):
     """The elementwise launch for one array (or span), as a thunk."""
     compute = src.COMPUTE[p.dtype.name]
-    kernel = ELEMENTWISE[(amsgrad, inplace, compute)]
-    args = _scalars(host, compute) + _flags(host)
+    kernel = elementwise_kernel(prog.key, inplace, compute)
+    args = _constants(prog, compute)
     if inplace:
         return lambda: kernel(g, *args, p, *st)
     return lambda: kernel(p, g, *st, *args, po, *so)
 
 
-def _list_launches(params, grads, state, out_p, out_s, amsgrad, inplace, host):
+def _list_launches(prog, params, grads, state, out_p, out_s, inplace):
     """Strategies (b) and (c), as a thunk that launches and returns the launch names."""
     calls, launches = [], []
     buckets: dict[str, list[int]] = {}
@@ -251,14 +255,12 @@ def _list_launches(params, grads, state, out_p, out_s, amsgrad, inplace, host):
         if len(idx) == 1:
             singles.extend(idx)
             continue
-        calls.append(_multi_tensor(params, grads, state, out_p, out_s, idx, amsgrad, host))
+        calls.append(_multi_tensor(prog, params, grads, state, out_p, out_s, idx))
         launches.append("multi_tensor")
     for i in sorted(singles):
         st = [s[i] for s in state]
         calls.append(
-            _elementwise(
-                params[i], grads[i], st, out_p[i], [s[i] for s in out_s], amsgrad, inplace, host
-            )
+            _elementwise(prog, params[i], grads[i], st, out_p[i], [s[i] for s in out_s], inplace)
         )
         launches.append("elementwise")
 
@@ -270,19 +272,16 @@ def _list_launches(params, grads, state, out_p, out_s, amsgrad, inplace, host):
     return launch
 
 
-def _multi_tensor(params, grads, state, out_p, out_s, idx, amsgrad, host):
+def _multi_tensor(prog, params, grads, state, out_p, out_s, idx):
     """Strategy (b): one launch for the arrays ``idx`` (one dtype, all C-contiguous), as
     a thunk; the kernel is compiled and the tables are on the device before it runs.
     Pure or in place only differs in the output pointer tables."""
-    names = ("m", "v", "vmax")
-    pointers = {
-        "p_in": [params[i].data.ptr for i in idx],
-        "g_in": [grads[i].data.ptr for i in idx],
-        "p_out": [out_p[i].data.ptr for i in idx],
-    }
-    for j, s in enumerate(state):
-        pointers[f"{names[j]}_in"] = [s[i].data.ptr for i in idx]
-        pointers[f"{names[j]}_out"] = [out_s[j][i].data.ptr for i in idx]
+
+    def ptrs(arrays):
+        return [arrays[i].data.ptr for i in idx]
+
+    pointers = [ptrs(params), ptrs(grads), *[ptrs(s) for s in state]]
+    pointers += [ptrs(out_p), *[ptrs(s) for s in out_s]]
     sizes = [int(params[i].size) for i in idx]
     tbl = src.multi_tensor_table(pointers, sizes)
     device_id = params[idx[0]].device.id
@@ -300,13 +299,11 @@ def _multi_tensor(params, grads, state, out_p, out_s, idx, amsgrad, host):
     args = (
         device_args
         + (np.int64(tbl.n_chunks), np.int64(tbl.chunk_size))
-        + _scalars(host, src.COMPUTE[dtype])
-        + (np.int32(amsgrad),)
-        + _flags(host)
+        + _constants(prog, src.COMPUTE[dtype])
     )
     grid = min(tbl.n_chunks, 2**31 - 1)
-    kernel = multi_tensor_kernel(dtype)
+    kernel = multi_tensor_kernel(prog.key, dtype)
     return lambda: kernel((grid,), (src.MULTI_TENSOR_BLOCK,), args)
 
 
-register(("adam", "adamw"), "cupy", FastPath(pure=pure, inplace=inplace, init=init))
+register(None, "cupy", FastPath(pure=pure, inplace=inplace, init=init))
