@@ -1,4 +1,4 @@
-"""The CuPy kernels derived from each rule (polyopt.backends._cuda_source, polyopt.backends.cupy).
+"""The CuPy kernels derived from each rule (backends._cuda_source, backends.cupy).
 
 Every variant below (each optimizer and option) is traced at every step it runs
 (:func:`polyopt.backends._derive.program`); its distinct element programs are the
@@ -7,9 +7,10 @@ kernels under test. Without a GPU (and without cupy):
 - compile: nvcc compiles ``standalone_source(key, dtype)`` (the device function, the
   elementwise kernels wrapped from the very body strings CuPy gets, the multi-tensor
   kernel) of every program, and ``multi_tensor_source(key, dtype)`` (what
-  cupy.RawModule gets), for float16, bfloat16, float32 and float64. Where cupy imports, CuPy's own code generator also
-  writes the exact ElementwiseKernel sources, which nvcc compiles with CuPy's headers,
-  and, where CuPy's NVRTC library loads, NVRTC compiles them as CuPy would.
+  cupy.RawModule gets), for float16, bfloat16, float32 and float64. Where cupy
+  imports, CuPy's own code generator also writes the exact ElementwiseKernel sources,
+  which nvcc compiles with CuPy's headers, and, where CuPy's NVRTC library loads,
+  NVRTC compiles them as CuPy would.
 - CPU emulation: the same translation unit, with the CUDA keywords defined away and
   ``blockIdx``/``threadIdx`` as host variables, is built with g++ into a shared library;
   every block and thread of each launch runs in turn (the kernels share nothing between
@@ -57,13 +58,22 @@ VARIANTS = {
     "sgd_nesterov_l2": (polyopt.sgd, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1)),
     "sgdw_dampening_maximize": (
         polyopt.sgd,
-        dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.1, decoupled_weight_decay=True,
-             maximize=True),
+        dict(
+            lr=0.05,
+            momentum=0.8,
+            dampening=0.3,
+            weight_decay=0.1,
+            decoupled_weight_decay=True,
+            maximize=True,
+        ),
     ),
-    "adagrad": (polyopt.adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.05,
-                                      initial_accumulator_value=0.1)),
+    "adagrad": (
+        polyopt.adagrad,
+        dict(lr=0.1, lr_decay=0.01, weight_decay=0.05, initial_accumulator_value=0.1),
+    ),
     "rmsprop_centered_momentum": (
-        polyopt.rmsprop, dict(lr=0.01, centered=True, momentum=0.5, weight_decay=0.05)
+        polyopt.rmsprop,
+        dict(lr=0.01, centered=True, momentum=0.5, weight_decay=0.05),
     ),
     "adadelta": (polyopt.adadelta, dict(lr=1.0, weight_decay=0.05, maximize=True)),
     "adam": (polyopt.adam, dict(lr=0.02, betas=(0.9, 0.99))),
@@ -788,9 +798,7 @@ def test_cupy_module_launch_logic_on_cpu(variant, dtype, layout, inplace, cupy_o
             {n: [np.array(a, copy=True) for a in arrays] for n, arrays in slots.items()},
         )
         CALLS.clear()
-        new_p, new_slots = mod.step(
-            rule, xp, params, grads_in, slots, _at_step(hp, k), k, inplace
-        )
+        new_p, new_slots = mod.step(rule, xp, params, grads_in, slots, _at_step(hp, k), k, inplace)
         path = LAYOUT_PATH[layout]
         if not inplace and k > 0 and layout == "strided":
             path = ("span",)  # the pure step's outputs are flat: the next step is one span
@@ -844,7 +852,7 @@ def test_cupy_module_imports_and_registers_without_a_gpu():
     from polyopt import backends
     from polyopt.backends import cupy as fused
 
-    for name, (factory, _) in polyopt.OPTIMIZERS.items():  # every rule: the derived path
+    for factory, _ in polyopt.OPTIMIZERS.values():  # every rule: the derived path
         assert backends.lookup(factory().rule, "cupy", "auto").init is fused.init
     assert not fused.ELEMENTWISE  # built on first use, per program
 

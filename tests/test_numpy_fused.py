@@ -34,9 +34,7 @@ TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-6, np.dtype(np.floa
 
 #: case id -> (optimizer name, hyperparameters): the table's single-group rows (missing
 #: gradients are the conformance matrix's business)
-CONFIGS = {
-    c.id: (c.name, polyopt_hyperparams(c)) for c in CASES if not c.groups and not c.missing
-}
+CONFIGS = {c.id: (c.name, polyopt_hyperparams(c)) for c in CASES if not c.groups and not c.missing}
 CONFIGS["schedule"] = (
     "adamw",
     {"lr": polyopt.schedules.cosine(1e-2, T_max=STEPS), "weight_decay": 0.1},
@@ -47,8 +45,14 @@ CLASSES = {name: cls for name, (_, cls) in polyopt.OPTIMIZERS.items()}
 
 #: the configurations also run on numba's threads: one per optimizer (the chunking
 #: does not depend on the rule; each configuration run is one more compilation)
-THREADED = {"sgd-nesterov", "adagrad-l2-init", "rmsprop-centered-momentum-l2-maximize",
-            "adadelta-l2-maximize", "adam-amsgrad-l2-maximize", "adamw-default"}
+THREADED = {
+    "sgd-nesterov",
+    "adagrad-l2-init",
+    "rmsprop-centered-momentum-l2-maximize",
+    "adadelta-l2-maximize",
+    "adam-amsgrad-l2-maximize",
+    "adamw-default",
+}
 
 
 def _threads(monkeypatch, on: bool) -> None:
@@ -255,7 +259,7 @@ def test_stateful_form_updates_in_place():
 
 
 def test_auto_uses_the_fused_path():
-    for name, (factory, _) in polyopt.OPTIMIZERS.items():
+    for factory, _ in polyopt.OPTIMIZERS.values():
         assert backends.lookup(factory().rule, "numpy", "auto").inplace is fused.inplace
     fused.LAST_PATH = ""
     opt = polyopt.AdamW([np.ones(3), np.ones(2)])

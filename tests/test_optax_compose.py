@@ -596,17 +596,22 @@ def test_tree_map_params_equals_optax_twin(case):
 
     a = optax.tree.map_params(tx, f, ours.states[-1], scale, transform_non_params=other)
     b = optax.tree.map_params(twin, f, ref.states[-1], scale, transform_non_params=other)
-    inner = [x for x in jax.tree.leaves(a, is_leaf=lambda x: isinstance(x, polyopt.OptState))
-             if isinstance(x, polyopt.OptState)][0]
+    inner = [
+        x
+        for x in jax.tree.leaves(a, is_leaf=lambda x: isinstance(x, polyopt.OptState))
+        if isinstance(x, polyopt.OptState)
+    ][0]
     assert inner.step == "not params" and inner.counts == "not params"
     for slot, field in fields.items():
         mine, theirs = inner.slots[slot], _find(b, field)
         assert jax.tree.structure(mine) == jax.tree.structure(PARAMS0)
         np.testing.assert_allclose(flat([mine]), flat([theirs]), rtol=RTOL, atol=ATOL)
     # and the unmapped slots are the param-shaped trees themselves
-    raw = [x for x in jax.tree.leaves(ours.states[-1],
-                                      is_leaf=lambda x: isinstance(x, polyopt.OptState))
-           if isinstance(x, polyopt.OptState)][0]
+    raw = [
+        x
+        for x in jax.tree.leaves(ours.states[-1], is_leaf=lambda x: isinstance(x, polyopt.OptState))
+        if isinstance(x, polyopt.OptState)
+    ][0]
     for slot in fields:
         np.testing.assert_array_equal(
             flat([inner.slots[slot]]), flat([jax.tree.map(f, raw.slots[slot], scale)])

@@ -9,9 +9,10 @@ of their work: ``torch.cuda.synchronize()``, CuPy's stream ``synchronize()``, JA
 
 Params are float32, split into ``tensors`` equal 1-D arrays holding ``size`` parameters
 in all, with the same values on every backend: the problems of ``python -m polyopt
-bench`` (``polyopt.bench.make_problem``), every optimizer at the bench's hyperparameters
-(``polyopt.bench.TORCH_HP``: torch's defaults, SGD with momentum 0.9). NumPy, torch and CuPy run the stateful
-form (in place); JAX runs ``jax.jit(opt.update, donate_argnums=(0, 2))``.
+bench`` (``polyopt.bench.make_problem``), every optimizer at the bench's
+hyperparameters (``polyopt.bench.TORCH_HP``: torch's defaults, SGD with momentum
+0.9). NumPy, torch and CuPy run the stateful form (in place); JAX runs
+``jax.jit(opt.update, donate_argnums=(0, 2))``.
 
 Benchmarks:
 
@@ -20,9 +21,10 @@ Benchmarks:
   the whole process, so it includes the libraries: compare across commits, not across
   backends);
 - ``track_bandwidth_gbs``: effective bandwidth of the median of 5 steps, counting the
-  least memory traffic of the update (``polyopt.bench.traffic_bytes``: float32, 28
-  bytes/param for Adam/AdamW, 20 for SGD with momentum). See ``python -m polyopt bench`` for the same against the
-  machine's copy bandwidth and against torch.optim / optax.
+  least memory traffic of the update (``polyopt.bench.traffic_bytes``: float32,
+  28 bytes/param for Adam/AdamW, 20 for SGD with momentum). See ``python -m polyopt
+  bench`` for the same against the machine's copy bandwidth and against torch.optim /
+  optax.
 """
 
 from __future__ import annotations

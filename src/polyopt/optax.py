@@ -225,17 +225,26 @@ def _need_params(params: Any, name: str) -> None:
         )
 
 
+def _not_params(opt: _base.Optimizer, params: Any) -> _base.OptState | None:
+    """``init``'s answer for what is not params (an empty subtree, optax.tree_map_params'
+    placeholder); None for params, once they are checked."""
+    if _empty(params):
+        return _EMPTY_STATE
+    if _is_placeholder(params):
+        return _placeholder_state(opt, params)
+    _check_params(params, opt.rule.name)
+    return None
+
+
 def _delta(new: Any, old: Any) -> Any:
     return jax.tree_util.tree_map(lambda n, o: n - o, new, old)
 
 
 def _plain(opt: _base.Optimizer) -> optax.GradientTransformationExtraArgs:
     def init(params: Any) -> _base.OptState:
-        if _empty(params):
-            return _EMPTY_STATE
-        if _is_placeholder(params):
-            return _placeholder_state(opt, params)
-        _check_params(params, opt.rule.name)
+        special = _not_params(opt, params)
+        if special is not None:
+            return special
         return _shaped(opt.init(params), jax.tree_util.tree_structure(params), None)
 
     def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple:
@@ -261,11 +270,9 @@ def _masked(opt: _base.Optimizer, mask: Any) -> optax.GradientTransformationExtr
         return [i for i, x in enumerate(m) if x] + [i for i, x in enumerate(m) if not x]
 
     def init(params: Any) -> _base.OptState:
-        if _empty(params):
-            return _EMPTY_STATE
-        if _is_placeholder(params):
-            return _placeholder_state(opt, params)
-        _check_params(params, opt.rule.name)
+        special = _not_params(opt, params)
+        if special is not None:
+            return special
         leaves, treedef = jax.tree_util.tree_flatten(params)
         m = _mask_leaves(mask, params, len(leaves))
         return _shaped(opt.init(groups(leaves, m)), treedef, order(m))

@@ -125,6 +125,22 @@ def lookup(rule, backend: str, impl: str) -> FastPath | None:
     return fn
 
 
+_GENERIC: dict = {}
+
+
+def generic(rule):
+    """The generic optimizer of ``rule`` (no hyperparameters of its own): what a fast
+    path runs for the arrays or hyperparameters its kernel does not take
+    (``generic(rule)._step_group(...)`` / ``._step_one(...)``: compute dtype, 0-d
+    arrays, the rule as the generic path runs it)."""
+    from .._base import Optimizer  # the engine imports this module first
+
+    opt = _GENERIC.get(rule.name)
+    if opt is None or opt.rule is not rule:
+        opt = _GENERIC[rule.name] = Optimizer(rule, {}, impl="generic")
+    return opt
+
+
 def available(rule, backend: str) -> bool:
     _load(backend)
     return _find(rule, backend) is not None

@@ -1,4 +1,4 @@
-"""The CUDA kernels of a rule, as source text generated from its element program (no cupy import).
+"""The CUDA kernels of a rule, generated from its element program (no cupy import).
 
 A rule's step traced by :func:`polyopt.backends._derive.program` is an element program:
 its structure (``key``: the operations in the rule's order) and this step's host
@@ -247,7 +247,8 @@ def _multi_tensor_kernel(key: tuple, dtype: str) -> str:
         "  for (long long c = blockIdx.x; c < n_chunks; c += gridDim.x) {\n"
         "    const long long t = chunk_tensor[c];\n"
         "    const long long start = chunk_start[c];\n"
-        "    const long long stop = start + chunk_size < sizes[t] ? start + chunk_size : sizes[t];\n"
+        "    const long long end = start + chunk_size;\n"
+        "    const long long stop = end < sizes[t] ? end : sizes[t];\n"
         "    const P* pi = p_in[t];\n"
         "    const G* gi = g_in[t];\n"
         "    P* po = p_out[t];\n"

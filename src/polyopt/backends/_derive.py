@@ -57,7 +57,7 @@ class Tape:
             return -len(self.consts)
         return NotImplemented
 
-    def op(self, op: str, *args) -> "Node":
+    def op(self, op: str, *args) -> Node:
         refs = tuple(self.ref(a) for a in args)
         if NotImplemented in refs:
             raise TypeError(f"{op} of {[type(a).__name__ for a in args]} cannot be traced")
@@ -210,7 +210,7 @@ class Program:
     def __init__(self, names: tuple, key: tuple, consts: list):
         self.names, self.key, self.consts = names, key, consts
 
-    def kernel(self, dtype, pure: bool = False) -> "Kernel":
+    def kernel(self, dtype, pure: bool = False) -> Kernel:
         """The compiled kernel of this program for arrays of ``dtype``: in place (the
         outputs overwrite the param and slot columns) or ``pure`` (they go to columns of
         their own after the inputs). Compiled on first use, then cached."""

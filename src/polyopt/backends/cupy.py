@@ -33,8 +33,7 @@ import cupy
 import numpy as np
 
 from .. import flat
-from .._base import Optimizer
-from . import FastPath, _derive, register
+from . import FastPath, _derive, generic, register
 from . import _cuda_source as src
 
 #: Launches of the last step, in order; and a running count per kind.
@@ -86,16 +85,6 @@ def multi_tensor_kernel(key: tuple, dtype: str):
 #: updates the same arrays every step, so its table is uploaded once.
 _TABLES: collections.OrderedDict = collections.OrderedDict()
 _TABLES_MAX = 16
-
-_GENERIC: dict = {}
-
-
-def _generic(rule) -> Optimizer:
-    """The generic step of one array (compute dtype, 0-d handling): the fallback."""
-    opt = _GENERIC.get(rule.name)
-    if opt is None or opt.rule is not rule:
-        opt = _GENERIC[rule.name] = Optimizer(rule, {}, impl="generic")
-    return opt
 
 
 def _constants(prog: _derive.Program, compute: str) -> tuple:
@@ -149,7 +138,7 @@ def _plan(rule, xp: Any, params: list, grads: list, slots: dict, hp: dict, k: An
     allocated, kernels compiled and tables uploaded now; the returned commit launches
     (in place: into params and slots) and returns ``(params, slots)``."""
     if not _derive.host_values(hp, k):  # an array hyperparameter or count: the generic rule
-        result = _generic(rule)._step_group(xp, params, grads, slots, hp, k)
+        result = generic(rule)._step_group(xp, params, grads, slots, hp, k)
 
         def commit_generic():
             global LAST_PATH

@@ -1,4 +1,4 @@
-"""JAX fast path for every elementwise rule: the state of runs of small arrays in one buffer per slot.
+"""JAX fast path for every elementwise rule: runs of small arrays keep each slot in one buffer.
 
 Under ``jax.jit``, XLA's CPU backend compiles an elementwise update into one loop per
 output array, and does not merge loops that write different arrays. Adam on one array
@@ -46,20 +46,9 @@ import jax
 from .. import _xp
 from .._base import Optimizer
 from ..flat import Packed, register_jax
-from . import FastPath, register
+from . import FastPath, generic, register
 
 register_jax()
-
-
-_GENERIC: dict = {}
-
-
-def _generic(rule) -> Optimizer:
-    """The generic step of a group (compute dtype, 0-d handling): the fallback."""
-    opt = _GENERIC.get(rule.name)
-    if opt is None or opt.rule is not rule:
-        opt = _GENERIC[rule.name] = Optimizer(rule, {}, impl="generic")
-    return opt
 
 
 def _one_device(params: list) -> bool:
@@ -148,18 +137,18 @@ def init(rule, xp: Any, params: list, hp: dict) -> dict:
 
 
 def step(rule, xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any):
-    generic = _generic(rule)
+    fallback = generic(rule)
     shapes = tuple(tuple(p.shape) for p in params)
     plan, tails = _plan(shapes)
     if len(plan) == len(params):  # nothing to pack
-        return generic._step_group(xp, params, grads, slots, hp, k)
+        return fallback._step_group(xp, params, grads, slots, hp, k)
     names = tuple(slots)
     if all(isinstance(c, Packed) and c.tails == tails for c in slots.values()):
         parts = {name: c.parts for name, c in slots.items()}
     else:
         concrete = all(_xp._device_key(p) is not None for p in params)
         if not (concrete and _packable(params)):
-            return generic._step_group(xp, params, grads, slots, hp, k)
+            return fallback._step_group(xp, params, grads, slots, hp, k)
         # eager, on one device: pack once (a loaded checkpoint); later steps stay packed
         parts = {
             name: [c[a] if b - a == 1 else _join(xp, list(c[a:b])) for a, b in plan]
@@ -170,7 +159,7 @@ def step(rule, xp: Any, params: list, grads: list, slots: dict, hp: dict, k: Any
     for j, (a, b) in enumerate(plan):
         mine = {name: parts[name][j] for name in names}
         if b - a == 1:  # an array of its own: the rule as the generic path runs it
-            ps, ss = generic._step_group(
+            ps, ss = fallback._step_group(
                 xp, params[a:b], grads[a:b], {n: [x] for n, x in mine.items()}, hp, k
             )
             ss = {n: x[0] for n, x in ss.items()}

@@ -35,12 +35,10 @@ fused, part generic or several dtypes) or "generic".
 
 from __future__ import annotations
 
-import types as _pytypes
-
 import numpy as np
 
-from .. import _base, flat
-from . import FastPath, _derive, _ndarray, register
+from .. import flat
+from . import FastPath, _derive, _ndarray, generic, register
 
 #: how the last group was updated: "span", "pointers", "split" or "generic"
 LAST_PATH = ""
@@ -67,10 +65,10 @@ def init(rule, xp, params, hp):
 def _generic(rule, xp, params, grads, slots, hp, k, idx, new_p, new_s):
     """The engine's own per-array step for the arrays ``idx``, into new_p/new_s (new
     arrays: nothing is written)."""
-    engine = _pytypes.SimpleNamespace(rule=rule)
+    engine = generic(rule)
     for i in idx:
         old = {name: arrays[i] for name, arrays in slots.items()}
-        new_p[i], s = _base.Optimizer._step_one(engine, xp, params[i], grads[i], old, hp, k)
+        new_p[i], s = engine._step_one(xp, params[i], grads[i], old, hp, k)
         for name, a in s.items():
             new_s[name][i] = a
 
@@ -126,8 +124,7 @@ def _launch(prog, tab, sizes, dtype, span, out_shapes=None):
     offsets = np.zeros(len(out_shapes), np.int64)
     np.cumsum(sizes[:-1] * dtype.itemsize, out=offsets[1:])
     views = [
-        [np.ndarray(sh, dtype, b, o) for sh, o in zip(out_shapes, offsets.tolist())]
-        for b in outs
+        [np.ndarray(sh, dtype, b, o) for sh, o in zip(out_shapes, offsets.tolist())] for b in outs
     ]
     return views[0], dict(zip(prog.names, views[1:]))
 

@@ -64,11 +64,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .._base import Optimizer
 from ..rules.adagrad import ADAGRAD
 from ..rules.adam import ADAM
 from ..rules.sgd import SGD_RULE
-from . import AmpUnsupported, FastPath, _derive, register
+from . import AmpUnsupported, FastPath, _derive, generic, register
 
 _FUSED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
@@ -124,7 +123,7 @@ class _Kernel:
     def __init__(self, rule, names, takes, launch, reads_t=True):
         self.reads_t = reads_t  # the kernel reads the step count from a tensor
         self.rule, self.names, self.takes, self.launch = rule, names, takes, launch
-        self.generic = Optimizer(rule, {}, impl="generic")  # what the kernel cannot take
+        self.generic = generic(rule)  # what the kernel cannot take
 
 
 def _adam_names(hp):
