@@ -135,6 +135,28 @@ def test_fused_numpy_step_allocates_nothing_proportional_to_params():
     # the fused step writes in place: small tables per tensor, nothing per parameter
     assert rows["polyopt numpy fused"] < 0.1 * pb.n_params
     assert rows["polyopt numpy fused, flat"] < 0.1 * pb.n_params
+    for _, cls in polyopt.OPTIMIZERS.values():  # every optimizer's kernel
+        assert rows[f"polyopt numpy {cls.__name__} fused"] < 0.1 * pb.n_params
+
+
+def test_optimizers_mode(capsys):
+    """``bench --optimizers``: a table per optimizer with polyopt's fast path on each
+    library and its peers, and the goal ratios; unknown names are listed."""
+    args = ["--sizes", "1e3/3", "--repeats", "1", "--warmup", "0", "--libs", "numpy,jax"]
+    assert bench.main(["--optimizers", "SGD,Adam", *args]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"polyopt numpy SGD\s+[\d.]+ ms", out)
+    assert "optax twin jit" in out and "summary (ratios in the same run)" in out
+    assert re.search(r"SGD\s+1k/3: numpy [\d.]+x best peer", out)
+    with pytest.raises(SystemExit):
+        bench.main(["--optimizers", "Lion", *args])
+    assert "choose from SGD, Adagrad" in capsys.readouterr().err
+
+
+def test_traffic_bytes_count_each_slot():
+    assert bench.traffic_bytes("SGD") == 20  # p, buf read and written; g read
+    assert bench.traffic_bytes("Adam") == bench.traffic_bytes("AdamW") == 28
+    assert bench.traffic_bytes("RMSprop") == 20 and bench.traffic_bytes("Adadelta") == 28
 
 
 def test_torch_adapter_comparison(capsys):

@@ -761,11 +761,12 @@ def _png(path: str, results: list[tuple[Problem, list[Row], float]]) -> None:
 
 
 def memory_rows(pb: Problem) -> list[tuple[str, int | None, str]]:
-    """(name, extra bytes at peak during one step, note) for polyopt's NumPy paths."""
+    """(name, extra bytes at peak during one step, note) for polyopt's NumPy paths:
+    AdamW's generic and fused rows, then every optimizer's fused step."""
     out: list[tuple[str, int | None, str]] = []
-    for name, lib, build in IMPLEMENTATIONS:
-        if lib != "numpy":
-            continue
+    rows = [(name, build) for name, lib, build in IMPLEMENTATIONS if lib == "numpy"]
+    rows += [(f"polyopt numpy {n} fused", _polyopt_class_numpy(n)) for n in TORCH_HP]
+    for name, build in rows:
         try:
             step = build(pb)
         except Unavailable as e:
