@@ -92,3 +92,30 @@ def test_untraceable_rule_is_a_clear_error():
     rule = polyopt.sgd().rule.__class__("odd", {"lr": 1.0}, lambda hp: None, lambda hp: (), step)
     with pytest.raises(AttributeError, match="tanh cannot be traced"):
         _derive.trace(rule, {"lr": 1.0}, 1)
+
+
+@pytest.mark.parametrize("policy", [None, "active"])
+def test_thread_pool_starts_passive_and_leaves_the_environment_as_it_was(policy):
+    """The first parallel kernel call starts numba's pool under OMP_WAIT_POLICY=passive
+    (unless the user chose a policy) and restores the environment (a fresh process:
+    the pool starts once)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, numpy as np, polyopt\n"
+        "from polyopt.backends import _derive\n"
+        "_derive.PARALLEL_FROM = 1\n"
+        "o = polyopt.AdamW([np.zeros(1000, np.float32)], impl='fused')\n"
+        "o.step([np.ones(1000, np.float32)])\n"
+        "print(_derive._POOL_STARTED, os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    threads = _derive.numba_threads() >= 2
+    assert out == [str(threads), str(policy)]
