@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import fractions
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import polyopt
-from polyopt import testing
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import torch_maxdiff as T  # noqa: E402
+from polyopt import testing
 
 NAMES = list(polyopt.OPTIMIZERS)
 CFG = {

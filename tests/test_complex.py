@@ -15,19 +15,13 @@ torch's does.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-import polyopt
-from polyopt.backends import numpy as np_fused
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import cases as C  # noqa: E402
+import polyopt
 import torch_maxdiff as T  # noqa: E402
+from polyopt.backends import numpy as np_fused
 
 torch = pytest.importorskip("torch")
 

@@ -17,19 +17,13 @@ leaves that array and its state exactly as they were.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-import polyopt
-from polyopt.testing import _cases as TC
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import cases as C  # noqa: E402
+import polyopt
 import torch_maxdiff as T  # noqa: E402
+from polyopt.testing import _cases as TC
 
 torch = pytest.importorskip("torch")
 

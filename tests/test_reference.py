@@ -16,13 +16,8 @@ at 1e-3 or more within a few steps.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cases as C  # noqa: E402
 import polyopt  # noqa: E402

@@ -8,14 +8,10 @@ calls (the lr the (k+1)-th optimizer step uses), for k = 0 .. 300.
 from __future__ import annotations
 
 import math
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cases as C  # noqa: E402
 from polyopt import schedules  # noqa: E402

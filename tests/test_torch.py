@@ -16,15 +16,11 @@ leaves room for platform differences while any formula mismatch shows at >= 1e-4
 from __future__ import annotations
 
 import inspect
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cases as C  # noqa: E402
 import polyopt  # noqa: E402

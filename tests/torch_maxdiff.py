@@ -14,11 +14,8 @@ imported inside the functions, so importing this module never needs torch.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cases as C  # noqa: E402
 import reference  # noqa: E402
