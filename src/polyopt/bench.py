@@ -231,17 +231,22 @@ def _polyopt_jax(impl: str) -> Callable:
         jax, params, grads = _jax_arrays(pb)
         if impl == "fused" and not backends.available("adamw", "jax"):
             raise Unavailable("n/a: no jax fast path in this polyopt")
-        opt = polyopt.adamw(**HP, impl=impl)
-        update = jax.jit(opt.update, donate_argnums=(0, 2))
-        box = [params, opt.init(params)]
-
-        def step():
-            box[0], box[1] = update(box[0], grads, box[1])
-            jax.block_until_ready(box[0])
-
-        return step
+        return _jax_step(jax, polyopt.adamw(**HP, impl=impl), params, grads)
 
     return build
+
+
+def _jax_step(jax, opt, params, grads) -> Callable[[], None]:
+    """One step of polyopt's functional ``opt`` under ``jax.jit`` (params and state
+    donated)."""
+    update = jax.jit(opt.update, donate_argnums=(0, 2))
+    box = [params, opt.init(params)]
+
+    def step():
+        box[0], box[1] = update(box[0], grads, box[1])
+        jax.block_until_ready(box[0])
+
+    return step
 
 
 def _optax_chain(polyopt_twin: bool) -> Callable:
@@ -381,15 +386,7 @@ def _polyopt_functional_jax(name: str) -> Callable:
         import polyopt
 
         jax, params, grads = _jax_arrays(pb)
-        fn = polyopt.OPTIMIZERS[name.lower()][0](**TORCH_HP[name])
-        update = jax.jit(fn.update, donate_argnums=(0, 2))
-        box = [params, fn.init(params)]
-
-        def step():
-            box[0], box[1] = update(box[0], grads, box[1])
-            jax.block_until_ready(box[0])
-
-        return step
+        return _jax_step(jax, polyopt.OPTIMIZERS[name.lower()][0](**TORCH_HP[name]), params, grads)
 
     return build
 
