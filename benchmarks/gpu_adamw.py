@@ -14,13 +14,16 @@ Contenders, each on the same GPU in the same run:
 - ``torch fused``: ``torch.optim.AdamW(fused=True)`` on CUDA tensors;
 - ``optax jit``: ``optax.adamw`` applied in a ``jax.jit`` function with donated buffers.
 
-Each contender runs ``--warmup`` steps, then ``--repeat`` steps timed together with the
-wall clock and a device synchronisation at the end, so host overhead counts as it does in
-training. Reported: ms per step, GB/s counted at 28 bytes per parameter (the floor: read
-p, g, m, v and write p, m, v in float32), that as a percentage of the copy bandwidth
-measured here (a device-to-device copy, bytes read + written), and the ratio of each
-time to torch fused. The goals (docs/cupy.md): large: polyopt >= 85 % of copy
-bandwidth and <= 1.0x torch fused; small: polyopt flat <= 0.5x torch fused.
+Every contender starts from the same values (``polyopt.bench.make_problem``, copied to
+the device) and is timed by the harness ``polyopt bench`` uses (``polyopt.bench.measure``,
+with a device synchronisation after each step, so host overhead and launch latency count
+as they do in training): ``--warmup`` untimed steps, then the median of ``--repeat``
+steps. Reported: ms per step, GB/s counted at the floor's bytes per parameter
+(``polyopt.bench.FLOOR_BYTES``, 28: read p, g, m, v and write p, m, v in float32), that
+as a percentage of the copy bandwidth measured on the device by bench's probe
+(``polyopt.bench.bandwidth`` with CuPy), and the ratio of each time to torch fused. The
+goals (docs/cupy.md): large: polyopt >= 85 % of copy bandwidth and <= 1.0x torch fused;
+small: polyopt flat <= 0.5x torch fused.
 
     python benchmarks/gpu_adamw.py                 # everything available
     python benchmarks/gpu_adamw.py --case small --only polyopt --only torch
@@ -36,11 +39,11 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
-BYTES_PER_PARAM = 28  # float32 AdamW: read p, g, m, v; write p, m, v
-HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+from polyopt.bench import FLOOR_BYTES as BYTES_PER_PARAM
+from polyopt.bench import HP, bandwidth, make_problem, measure
+
 CONTENDERS = ("polyopt", "torch", "optax")
 
 
@@ -70,12 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small-count", type=int, default=1000, help="number of small tensors")
     p.add_argument("--small-size", type=int, default=4096, help="parameters per small tensor")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    p.add_argument("--repeat", type=int, default=50, help="timed steps (default 50)")
     p.add_argument(
-        "--trials",
-        type=int,
-        default=3,
-        help="timed runs of --repeat steps; the median is reported (default 3)",
+        "--repeat", type=int, default=50, help="timed steps; the median is reported (default 50)"
     )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return p.parse_args(argv)
@@ -97,24 +96,15 @@ def gpu_missing() -> str | None:
 
 
 def timed(step: Callable[[], None], sync: Callable[[], None], args) -> float:
-    """Median over trials of (wall time of ``repeat`` steps + sync) / repeat, in ms."""
-    for _ in range(args.warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(args.trials):
-        t0 = time.perf_counter()
-        for _ in range(args.repeat):
-            step()
-        sync()
-        times.append((time.perf_counter() - t0) / args.repeat * 1e3)
-    return statistics.median(times)
+    """Median ms of one ``step`` (synchronised), by the harness ``polyopt bench`` uses."""
+    return 1e3 * statistics.median(measure(step, args.warmup, args.repeat, sync))
 
 
-def sizes_of(case: str, args) -> list[int]:
+def problem(case: str, args):
+    """The case's float32 params and grads as NumPy arrays (``polyopt.bench``'s builder)."""
     if case == "large":
-        return [2**args.large_log2]
-    return [args.small_size] * args.small_count
+        return make_problem(2**args.large_log2, 1)
+    return make_problem(args.small_size * args.small_count, args.small_count)
 
 
 # -- contenders ------------------------------------------------------------------------
@@ -124,22 +114,24 @@ def bench_copy(n: int, args) -> float:
     """Device copy bandwidth in GB/s (bytes read + written) on ``n`` float32 values."""
     import cupy as cp
 
-    a = cp.ones(n, dtype=cp.float32)
-    b = cp.empty_like(a)
-    ms = timed(lambda: cp.copyto(b, a), cp.cuda.Device().synchronize, args)
-    return 2 * 4 * n / (ms * 1e-3) / 1e9
+    return bandwidth(4 * n, kind="copy", repeats=args.repeat, xp=cp, sync=_cupy_sync())
 
 
-def bench_polyopt(sizes: list[int], layout: str, args) -> float:
+def _cupy_sync() -> Callable[[], None]:
+    import cupy as cp
+
+    return cp.cuda.Device().synchronize
+
+
+def bench_polyopt(pb, layout: str, args) -> float:
     import cupy as cp
 
     import polyopt
     from polyopt import flat
     from polyopt.backends import cupy as fused
 
-    rng = cp.random.default_rng(0)
-    params = [rng.standard_normal(n, dtype=cp.float32) for n in sizes]
-    grads = [rng.standard_normal(n, dtype=cp.float32) for n in sizes]
+    params = [cp.asarray(p) for p in pb.params]
+    grads = [cp.asarray(g) for g in pb.grads]
     if layout == "flat":
         params = flat.pack(params)
         g = flat.zeros_like(params)
@@ -147,35 +139,33 @@ def bench_polyopt(sizes: list[int], layout: str, args) -> float:
             dst[...] = src
         grads = g
     opt = polyopt.AdamW(params, **HP, impl="fused")
-    ms = timed(lambda: opt.step(grads), cp.cuda.Device().synchronize, args)
+    ms = timed(lambda: opt.step(grads), _cupy_sync(), args)
     path = fused.LAST_PATH
-    expected = ("span",) if layout == "flat" or len(sizes) == 1 else ("multi_tensor",)
+    expected = ("span",) if layout == "flat" or pb.n_tensors == 1 else ("multi_tensor",)
     if path != expected:
         print(f"  note: polyopt {layout} took launches {path}, expected {expected}")
     return ms
 
 
-def bench_torch(sizes: list[int], args) -> float:
+def bench_torch(pb, args) -> float:
     import torch
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    params = [torch.randn(n, device="cuda", generator=gen).requires_grad_() for n in sizes]
-    for p in params:
-        p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+    params = [torch.tensor(p, device="cuda").requires_grad_() for p in pb.params]
+    for p, g in zip(params, pb.grads):
+        p.grad = torch.tensor(g, device="cuda")
     opt = torch.optim.AdamW(params, **HP, fused=True)
     return timed(opt.step, torch.cuda.synchronize, args)
 
 
-def bench_optax(sizes: list[int], args) -> float:
+def bench_optax(pb, args) -> float:
     import jax
     import jax.numpy as jnp
     import optax
 
     if not any(d.platform == "gpu" for d in jax.devices()):
         raise RuntimeError(f"JAX sees no GPU (devices: {jax.devices()}); install jax[cuda12]")
-    keys = jax.random.split(jax.random.PRNGKey(0), 2 * len(sizes))
-    params = [jax.random.normal(k, (n,), jnp.float32) for k, n in zip(keys[::2], sizes)]
-    grads = [jax.random.normal(k, (n,), jnp.float32) for k, n in zip(keys[1::2], sizes)]
+    params = [jnp.asarray(p) for p in pb.params]
+    grads = [jnp.asarray(g) for g in pb.grads]
     tx = optax.adamw(HP["lr"], *HP["betas"], eps=HP["eps"], weight_decay=HP["weight_decay"])
 
     def _update(params, grads, state):
@@ -224,23 +214,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device}")
     results = {"device": device, "bytes_per_param": BYTES_PER_PARAM, "cases": {}}
     for case in args.case or ["large", "small"]:
-        sizes = sizes_of(case, args)
-        n = sum(sizes)
+        pb = problem(case, args)
+        n = pb.n_params
         copy_gbs = bench_copy(n, args)
         print(
-            f"\n{case}: {len(sizes)} tensor(s), {n:,} float32 parameters; "
+            f"\n{case}: {pb.n_tensors} tensor(s), {n:,} float32 parameters; "
             f"device copy {copy_gbs:.0f} GB/s"
         )
         rows: dict[str, float | str] = {}
         runs: list[tuple[str, Callable[..., float], tuple]] = []
         if "polyopt" in only:
-            runs.append(("polyopt flat", bench_polyopt, (sizes, "flat", args)))
-            if len(sizes) > 1:
-                runs.append(("polyopt list", bench_polyopt, (sizes, "list", args)))
+            runs.append(("polyopt flat", bench_polyopt, (pb, "flat", args)))
+            if pb.n_tensors > 1:
+                runs.append(("polyopt list", bench_polyopt, (pb, "list", args)))
         if "torch" in only:
-            runs.append(("torch fused", bench_torch, (sizes, args)))
+            runs.append(("torch fused", bench_torch, (pb, args)))
         if "optax" in only:
-            runs.append(("optax jit", bench_optax, (sizes, args)))
+            runs.append(("optax jit", bench_optax, (pb, args)))
         for name, fn, fn_args in runs:
             try:
                 rows[name] = fn(*fn_args)
@@ -266,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         results["cases"][case] = {
             "params": n,
-            "tensors": len(sizes),
+            "tensors": pb.n_tensors,
             "copy_gbs": copy_gbs,
             "results": table,
         }

@@ -170,3 +170,35 @@ def test_torch_adapter_comparison(capsys):
         assert f"polyopt.torch.{name} " in out and f"torch.optim.{name} foreach" in out
     assert "torch.optim.RMSprop fused    n/a" in out  # torch has no fused RMSprop
     assert re.search(r"polyopt\.torch\.AdamW\s+[\d.]+ ms\s+[\d.]+x", out)
+
+
+def test_measure_waits_for_the_device_after_every_timed_step():
+    # benchmarks/gpu_adamw.py times GPU steps with this: each time must include a sync
+    events = []
+    times = bench.measure(lambda: events.append("step"), 2, 3, lambda: events.append("sync"))
+    assert len(times) == 3
+    assert events == ["step", "step", "sync"] + ["step", "sync"] * 3
+
+
+def test_bandwidth_probe_takes_another_array_module():
+    import numpy as np
+
+    syncs = []
+    gbs = bench.bandwidth(2**16, kind="update", repeats=2, xp=np, sync=lambda: syncs.append(1))
+    assert gbs > 0 and len(syncs) == 3  # warm-up + 2 timed runs
+
+
+def test_gpu_benchmark_builds_its_problems_with_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_adamw.py"
+    spec = importlib.util.spec_from_file_location("gpu_adamw", path)
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    args = gpu.parse_args(["--small-count", "3", "--small-size", "5", "--large-log2", "4"])
+    small, large = gpu.problem("small", args), gpu.problem("large", args)
+    ref = bench.make_problem(15, 3)
+    assert [p.tolist() for p in small.params] == [p.tolist() for p in ref.params]
+    assert (large.n_params, large.n_tensors) == (16, 1)
+    assert gpu.BYTES_PER_PARAM == bench.traffic_bytes("AdamW")

@@ -41,6 +41,7 @@ import tracemalloc
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -517,24 +518,33 @@ class Row:
     times: list[float] = field(default_factory=list)
 
 
-def bandwidth(nbytes: int, threads: int = 1, kind: str = "copy", repeats: int = 10) -> float:
-    """GB/s moved by a NumPy stream over float32 arrays of ``nbytes`` each.
+def bandwidth(
+    nbytes: int,
+    threads: int = 1,
+    kind: str = "copy",
+    repeats: int = 10,
+    xp: Any = np,
+    sync: Callable[[], None] | None = None,
+) -> float:
+    """GB/s moved by a stream over float32 arrays of ``nbytes`` each.
 
-    ``kind="copy"``: ``np.copyto(dst, src)``, counted as read + write (2 × nbytes).
-    ``kind="update"``: ``np.add(a, b, out=a)``, an in-place update like an optimizer
+    ``kind="copy"``: ``copyto(dst, src)``, counted as read + write (2 × nbytes).
+    ``kind="update"``: ``add(a, b, out=a)``, an in-place update like an optimizer
     step's, counted as 2 reads + 1 write (3 × nbytes). With ``threads`` > 1 the arrays
     are cut into that many slices processed at once (NumPy releases the GIL). The best
-    of ``repeats`` runs: what the machine can do, the floor's premise.
+    of ``repeats`` runs: what the machine can do, the floor's premise. ``xp`` and
+    ``sync``: another NumPy-like module and its device synchronisation (CuPy on a GPU,
+    as ``benchmarks/gpu_adamw.py`` measures the device's bandwidth with this probe).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     n = max(nbytes // 4, threads)
-    a = np.ones(n, dtype=np.float32)
-    b = np.zeros(n, dtype=np.float32)
+    a = xp.ones(n, dtype=xp.float32)
+    b = xp.zeros(n, dtype=xp.float32)
     if kind == "copy":
-        op, moved = (lambda x, y: np.copyto(y, x)), 2
+        op, moved = (lambda x, y: xp.copyto(y, x)), 2
     elif kind == "update":
-        op, moved = (lambda x, y: np.add(x, y, out=x)), 3
+        op, moved = (lambda x, y: xp.add(x, y, out=x)), 3
     else:
         raise ValueError(f"kind must be 'copy' or 'update', got {kind!r}")
     cuts = np.linspace(0, n, threads + 1).astype(int)
@@ -547,22 +557,25 @@ def bandwidth(nbytes: int, threads: int = 1, kind: str = "copy", repeats: int = 
             else:
                 list(pool.map(lambda xy: op(*xy), pairs))
 
-        run()  # first touch: page faults are not bandwidth
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
+        times = measure(run, 1, repeats, sync)  # warm-up: page faults are not bandwidth
     return moved * n * 4 / min(times) / 1e9
 
 
-def measure(step: Callable[[], None], warmup: int, repeats: int) -> list[float]:
+def measure(
+    step: Callable[[], None], warmup: int, repeats: int, sync: Callable[[], None] | None = None
+) -> list[float]:
+    """Seconds taken by each of ``repeats`` calls of ``step`` after ``warmup`` untimed
+    ones; with ``sync`` (a device synchronisation) each time includes the step's work
+    on the device, not only its launch."""
+    done = sync or (lambda: None)
     for _ in range(warmup):
         step()
+    done()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
+        done()
         times.append(time.perf_counter() - t0)
     return times
 
