@@ -78,6 +78,26 @@ DEFAULTS = {
         maximize=False,
         decoupled_weight_decay=True,
     ),
+    "nadam": dict(
+        lr=2e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum_decay=4e-3,
+        decoupled_weight_decay=False,
+        maximize=False,
+    ),
+    "radam": dict(
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        decoupled_weight_decay=False,
+        maximize=False,
+    ),
+    "adamax": dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False),
+    # optax.lion's defaults (torch has no Lion), with the paper's lr
+    "lion": dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-3, maximize=False),
 }
 
 
@@ -198,6 +218,92 @@ def adamw(theta, grad, state, t, lr, wd, hp):
     return adam(theta, grad, state, t, lr, wd, hp)
 
 
+#: State torch keeps per array that polyopt computes from each array's step count
+#: instead of storing it (the reference keeps it, as torch's box does; tests compare
+#: the slots both hold, and polyopt.torch's state dicts carry these as torch's do).
+COUNTED = frozenset({"step", "mu_product"})
+
+
+def _decayed(theta, grad, lr, wd, hp):
+    """The prelude of torch's NAdam / RAdam boxes: maximize, then L2 or decoupled decay."""
+    g = -grad if hp["maximize"] else grad
+    if wd != 0:
+        if hp["decoupled_weight_decay"]:
+            theta = theta * (1.0 - lr * wd)
+        else:
+            g = g + wd * theta
+    return theta, g
+
+
+def nadam(theta, grad, state, t, lr, wd, hp):
+    """torch.optim.NAdam's box (Dozat 2016): momentum schedule μ_t, running product."""
+    beta1, beta2 = hp["betas"]
+    psi = hp["momentum_decay"]
+    if t == 1:
+        state["exp_avg"] = np.zeros_like(theta)
+        state["exp_avg_sq"] = np.zeros_like(theta)
+        state["mu_product"] = 1.0
+    theta, g = _decayed(theta, grad, lr, wd, hp)
+    mu_t = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
+    state["mu_product"] *= mu_t
+    prod, prod_next = state["mu_product"], state["mu_product"] * mu_next
+    m = beta1 * state["exp_avg"] + (1.0 - beta1) * g
+    v = beta2 * state["exp_avg_sq"] + (1.0 - beta2) * g**2
+    state["exp_avg"], state["exp_avg_sq"] = m, v
+    v_hat = v / (1.0 - beta2**t)
+    m_nesterov = mu_next * m / (1.0 - prod_next) + (1.0 - mu_t) * g / (1.0 - prod)
+    return theta - lr * m_nesterov / (np.sqrt(v_hat) + hp["eps"])
+
+
+def radam(theta, grad, state, t, lr, wd, hp):
+    """torch.optim.RAdam's box (Liu et al. 2020): rectify once ρ_t > 5."""
+    beta1, beta2 = hp["betas"]
+    if t == 1:
+        state["exp_avg"] = np.zeros_like(theta)
+        state["exp_avg_sq"] = np.zeros_like(theta)
+    theta, g = _decayed(theta, grad, lr, wd, hp)
+    m = beta1 * state["exp_avg"] + (1.0 - beta1) * g
+    v = beta2 * state["exp_avg_sq"] + (1.0 - beta2) * g**2
+    state["exp_avg"], state["exp_avg_sq"] = m, v
+    m_hat = m / (1.0 - beta1**t)
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * t * beta2**t / (1.0 - beta2**t)
+    if rho_t <= 5.0:
+        return theta - lr * m_hat
+    l_t = math.sqrt(1.0 - beta2**t) / (np.sqrt(v) + hp["eps"])
+    r_t = math.sqrt(
+        (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
+    )
+    return theta - lr * m_hat * l_t * r_t
+
+
+def adamax(theta, grad, state, t, lr, wd, hp):
+    """torch.optim.Adamax's box (Kingma & Ba 2015, section 7.1)."""
+    beta1, beta2 = hp["betas"]
+    if t == 1:
+        state["exp_avg"] = np.zeros_like(theta)
+        state["exp_inf"] = np.zeros_like(theta)
+    g = -grad if hp["maximize"] else grad
+    if wd != 0:
+        g = g + wd * theta
+    m = beta1 * state["exp_avg"] + (1.0 - beta1) * g
+    u = np.maximum(beta2 * state["exp_inf"], np.abs(g) + hp["eps"])
+    state["exp_avg"], state["exp_inf"] = m, u
+    return theta - lr * m / ((1.0 - beta1**t) * u)
+
+
+def lion(theta, grad, state, t, lr, wd, hp):
+    """Lion (Chen et al. 2023, Program 1): sign of the interpolation, decoupled decay."""
+    beta1, beta2 = hp["betas"]
+    if t == 1:
+        state["exp_avg"] = np.zeros_like(theta)
+    g = -grad if hp["maximize"] else grad
+    c = beta1 * state["exp_avg"] + (1.0 - beta1) * g
+    state["exp_avg"] = beta2 * state["exp_avg"] + (1.0 - beta2) * g
+    return theta - lr * (np.sign(c) + wd * theta)
+
+
 STEPS: dict[str, Callable] = {
     "sgd": sgd,
     "adagrad": adagrad,
@@ -205,6 +311,10 @@ STEPS: dict[str, Callable] = {
     "adadelta": adadelta,
     "adam": adam,
     "adamw": adamw,
+    "nadam": nadam,
+    "radam": radam,
+    "adamax": adamax,
+    "lion": lion,
 }
 
 

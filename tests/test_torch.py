@@ -95,13 +95,18 @@ def test_reference_matches_torch(case):
     rest on a reference whose other paths torch confirms)."""
 
     def run(p0, grads):
-        yield from reference.reference_run(case.name, C.reference_hyperparams(case), p0, grads)
+        hist = reference.reference_run(case.name, C.reference_hyperparams(case), p0, grads)
+        for params, states in hist:  # what torch's state dict holds of the counts: not here
+            yield (
+                params,
+                [{n: v for n, v in s.items() if n not in reference.COUNTED} for s in states],
+            )
 
     compare_with_torch(case, run, "reference")
 
 
 @pytest.mark.parametrize(
-    "case", [c for c in C.CASES if not T.torch_supports(c)], ids=lambda c: c.id
+    "case", [c for c in C.CASES if c.name == "sgd" and not T.torch_supports(c)], ids=lambda c: c.id
 )
 def test_sgdw_has_no_torch_counterpart(case):
     assert "decoupled_weight_decay" not in inspect.signature(torch.optim.SGD).parameters
@@ -113,7 +118,7 @@ def test_sgdw_has_no_torch_counterpart(case):
 _TORCH_CLASSES = T.TORCH_CLASSES
 
 
-@pytest.mark.parametrize("name", sorted(polyopt.OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(_TORCH_CLASSES))
 def test_defaults_match_torch_signature(name):
     sig = inspect.signature(getattr(torch.optim, _TORCH_CLASSES[name])).parameters
     for hp, value in polyopt.OPTIMIZERS[name][0]().hyperparams.items():

@@ -32,6 +32,7 @@ SLOT_TO_TORCH = {
         "square_avg",
         "grad_avg",
         "acc_delta",
+        "exp_inf",
     )
 }
 
@@ -44,6 +45,9 @@ TORCH_CLASSES = {
     "adadelta": "Adadelta",
     "adam": "Adam",
     "adamw": "AdamW",
+    "nadam": "NAdam",
+    "radam": "RAdam",
+    "adamax": "Adamax",
 }
 
 
@@ -85,7 +89,10 @@ def stateful_torch_run(case: C.Case):
 
 
 def torch_supports(case: C.Case) -> bool:
-    """torch.optim.SGD has no decoupled weight decay (SGDW): those cases are reference-only."""
+    """torch.optim.SGD has no decoupled weight decay (SGDW) and torch has no Lion: those
+    cases are reference-only (Lion is held to optax in tests/test_optax_jax.py)."""
+    if case.name not in TORCH_CLASSES:
+        return False
     return not (case.name == "sgd" and case.hyperparams.get("decoupled_weight_decay", False))
 
 
@@ -155,15 +162,26 @@ def torch_optimizer(case: C.Case, tensors: list):
         if not decoupled:
             hp.setdefault("weight_decay", 1e-2)  # polyopt.adamw's default, not Adam's 0
     else:
-        cls = {
-            "adagrad": torch.optim.Adagrad,
-            "rmsprop": torch.optim.RMSprop,
-            "adadelta": torch.optim.Adadelta,
-            "adam": torch.optim.Adam,
-        }[case.name]
+        cls = getattr(torch.optim, TORCH_CLASSES[case.name])
     opt = cls(tensors, **hp)
     sched = build(opt) if build is not None else None
     return opt, sched, wd_fn
+
+
+class float64_scalars:  # noqa: N801 - a context manager, used like a function
+    """torch keeps scalar state (NAdam's ``mu_product``) in the default dtype: float64
+    inside this block, as for a user who set ``torch.set_default_dtype(torch.float64)``
+    to train in float64 (the comparisons here are float64 at rtol 1e-9)."""
+
+    def __init__(self, torch):
+        self.torch = torch
+
+    def __enter__(self):
+        self.saved = self.torch.get_default_dtype()
+        self.torch.set_default_dtype(self.torch.float64)
+
+    def __exit__(self, *exc):
+        self.torch.set_default_dtype(self.saved)
 
 
 def torch_run(case: C.Case, p0: list, grads: list):
@@ -189,10 +207,15 @@ def torch_run(case: C.Case, p0: list, grads: list):
                 group["weight_decay"] = wd_fn(k)
         for t, g in zip(tensors, gs, strict=True):
             t.grad = None if g is None else torch.tensor(g)
-        opt.step()
+        with float64_scalars(torch):
+            opt.step()
         params = [t.detach().numpy().copy() for t in tensors]
         states = [
-            {n: v.detach().numpy().copy() for n, v in opt.state[t].items() if n != "step"}
+            {
+                n: v.detach().numpy().copy()
+                for n, v in opt.state[t].items()
+                if n not in reference.COUNTED
+            }
             for t in tensors
         ]
         yield params, states

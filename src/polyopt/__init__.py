@@ -18,6 +18,10 @@ from .ema import EMA, ema
 from .rules.adadelta import adadelta
 from .rules.adagrad import adagrad
 from .rules.adam import adam, adamw
+from .rules.adamax import adamax
+from .rules.lion import lion
+from .rules.nadam import nadam
+from .rules.radam import radam
 from .rules.rmsprop import rmsprop
 from .rules.sgd import sgd
 
@@ -29,6 +33,10 @@ RMSprop = stateful(rmsprop, "RMSprop")
 Adadelta = stateful(adadelta, "Adadelta")
 Adam = stateful(adam, "Adam")
 AdamW = stateful(adamw, "AdamW")
+NAdam = stateful(nadam, "NAdam")
+RAdam = stateful(radam, "RAdam")
+Adamax = stateful(adamax, "Adamax")
+Lion = stateful(lion, "Lion")
 
 #: Every optimizer: (functional factory, stateful class). Tests hold each to the table.
 OPTIMIZERS = {
@@ -38,6 +46,10 @@ OPTIMIZERS = {
     "adadelta": (adadelta, Adadelta),
     "adam": (adam, Adam),
     "adamw": (adamw, AdamW),
+    "nadam": (nadam, NAdam),
+    "radam": (radam, RAdam),
+    "adamax": (adamax, Adamax),
+    "lion": (lion, Lion),
 }
 
 __all__ = [
@@ -48,6 +60,10 @@ __all__ = [
     "Adagrad",
     "Adam",
     "AdamW",
+    "Adamax",
+    "Lion",
+    "NAdam",
+    "RAdam",
     "OptState",
     "Optimizer",
     "RMSprop",
@@ -55,8 +71,12 @@ __all__ = [
     "adadelta",
     "adagrad",
     "adam",
+    "adamax",
     "adamw",
     "ema",
+    "lion",
+    "nadam",
+    "radam",
     "rmsprop",
     "schedules",
     "sgd",

@@ -62,7 +62,7 @@ MULTI_TENSOR_CHUNK = 65536
 
 #: The element functions a program may call, for float and double (one definition per
 #: translation unit, however many programs it holds). ``maximum``/``minimum`` keep a
-#: NaN, as numpy.maximum does.
+#: NaN, as numpy.maximum does; ``sign`` keeps a NaN and gives 0 for ±0, as numpy.sign.
 HELPERS = r"""
 #ifndef POLYOPT_HELPERS
 #define POLYOPT_HELPERS
@@ -78,6 +78,8 @@ __device__ __forceinline__ float polyopt_abs(float x) { return fabsf(x); }
 __device__ __forceinline__ double polyopt_abs(double x) { return fabs(x); }
 __device__ __forceinline__ float polyopt_pow(float x, float y) { return powf(x, y); }
 __device__ __forceinline__ double polyopt_pow(double x, double y) { return pow(x, y); }
+template <typename T>
+__device__ __forceinline__ T polyopt_sign(T x) { return x != x ? x : T((x > T(0)) - (x < T(0))); }
 template <typename T>
 __device__ __forceinline__ T polyopt_maximum(T a, T b) { return (a > b || a != a) ? a : b; }
 template <typename T>

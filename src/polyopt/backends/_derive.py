@@ -133,7 +133,7 @@ class Node:
         raise TypeError("a traced value has no truth value: the rule branches on data")
 
 
-_FUNCTIONS = ("sqrt", "exp", "expm1", "log", "abs")
+_FUNCTIONS = ("sqrt", "exp", "expm1", "log", "abs", "sign")
 
 
 class Namespace:
@@ -249,6 +249,7 @@ _NB = {
     "expm1": "np.expm1",
     "log": "np.log",
     "abs": "np.abs",
+    "sign": "np.sign",
     "maximum": "np.maximum",
     "minimum": "np.minimum",
     "float": "",

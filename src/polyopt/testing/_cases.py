@@ -198,6 +198,53 @@ CASES: list[Case] = [
 ]
 
 CASES += [
+    # -- NAdam -----------------------------------------------------------------------
+    Case("nadam-default", "nadam", dict()),
+    Case("nadam-l2-momentum_decay", "nadam", dict(lr=0.01, weight_decay=0.1, momentum_decay=0.01)),
+    Case(
+        "nadamw-betas-eps-maximize",
+        "nadam",
+        dict(
+            lr=0.01,
+            betas=(0.8, 0.99),
+            eps=1e-6,
+            weight_decay=0.05,
+            decoupled_weight_decay=True,
+            maximize=True,
+        ),
+    ),
+    Case("nadam-cosine", "nadam", dict(lr=S("cosine", lr=0.01, T_max=60), momentum_decay=0.1)),
+    # -- RAdam -----------------------------------------------------------------------
+    Case("radam-default", "radam", dict()),
+    # β2 = 0.9: ρ∞ = 19, the rectified steps start at step 3
+    Case("radam-betas-l2", "radam", dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1)),
+    Case(
+        "radamw-maximize-eps",
+        "radam",
+        dict(lr=0.01, eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+    ),
+    Case("radam-warmup-cosine", "radam", dict(lr=_WARMUP_COSINE, betas=(0.9, 0.95))),
+    # -- Adamax ----------------------------------------------------------------------
+    Case("adamax-default", "adamax", dict()),
+    Case(
+        "adamax-betas-eps-l2", "adamax", dict(lr=0.01, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.1)
+    ),
+    Case(
+        "adamax-maximize-steplr",
+        "adamax",
+        dict(lr=S("step_decay", lr=0.01, step_size=20, gamma=0.5), maximize=True),
+    ),
+    # -- Lion ------------------------------------------------------------------------
+    Case("lion-default", "lion", dict()),
+    Case("lion-betas-wd", "lion", dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1)),
+    Case(
+        "lion-maximize-cosine",
+        "lion",
+        dict(lr=S("cosine", lr=3e-3, T_max=40), weight_decay=0.0, maximize=True),
+    ),
+]
+
+CASES += [
     # -- parameter groups (torch convention): per-group overrides ----------------------
     Case(
         "adamw-groups-no-decay",
@@ -260,6 +307,34 @@ CASES += [
         "adamw-cosine-missing",
         "adamw",
         dict(lr=S("cosine", lr=0.01, T_max=20), weight_decay=0.1),
+        missing=MISSING,
+        dtypes=_MISSING_DTYPES,
+    ),
+    Case(
+        "nadam-missing",
+        "nadam",
+        dict(lr=0.01, weight_decay=0.1),
+        missing=MISSING,
+        dtypes=_MISSING_DTYPES,
+    ),
+    Case(
+        "radam-missing",
+        "radam",
+        dict(lr=0.01, betas=(0.8, 0.9)),
+        missing=MISSING,
+        dtypes=_MISSING_DTYPES,
+    ),
+    Case(
+        "adamax-missing",
+        "adamax",
+        dict(lr=0.01, weight_decay=0.05),
+        missing=MISSING,
+        dtypes=_MISSING_DTYPES,
+    ),
+    Case(
+        "lion-missing",
+        "lion",
+        dict(lr=1e-3, weight_decay=0.1),
         missing=MISSING,
         dtypes=_MISSING_DTYPES,
     ),
