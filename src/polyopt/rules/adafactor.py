@@ -1,0 +1,288 @@
+"""Adafactor (Shazeer & Stern, 2018) as ``torch.optim.Adafactor``: a factored second
+moment (row and column running means) for arrays of 2 or more dimensions, a full one
+for vectors and scalars, relative step size and per-array update clipping.
+
+The state of a factored array does not have the param's shape (``row_var`` is
+``p.shape[:-1] + (1,)``, ``col_var`` is ``p.shape[:-2] + (1,) + p.shape[-1:]``), and
+which slots an array has depends on its number of dimensions, as in torch's
+``optimizer.state[p]``. The engine's generic state checks assume one slot set per
+group, each slot of the param's shape; :class:`_FactoredOptimizer` is the shim that
+asks this module's :func:`layout` instead (see its docstring).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from .. import _validate as v
+from .. import _xp
+from .. import flat as _flat
+from .._base import (
+    Optimizer,
+    OptState,
+    Rule,
+    _check_counts,
+    _check_step,
+    scalar_sqrt,
+)
+from ._common import grad_term, param_term
+
+DEFAULTS = dict(
+    lr=1e-2,
+    beta2_decay=-0.8,
+    eps=(None, 1e-3),
+    d=1.0,
+    weight_decay=0.0,
+    maximize=False,
+)
+
+SLOTS = ("col_var", "row_var", "variance")
+
+
+def _check(hp: dict) -> None:
+    v.at_least("lr", hp["lr"], 0.0)
+    b = v.number("beta2_decay", hp["beta2_decay"])
+    if b is not None and not b <= 0.0:  # also rejects NaN
+        raise ValueError(f"beta2_decay must be <= 0, got {hp['beta2_decay']!r}")
+    eps1, eps2 = hp["eps"]
+    if eps1 is not None:
+        v.at_least("eps[0]", eps1, 0.0, schedulable=False)
+    v.at_least("eps[1]", eps2, 0.0, schedulable=False)
+    v.at_least("d", hp["d"], 1.0, schedulable=False)
+    v.at_least("weight_decay", hp["weight_decay"], 0.0)
+    v.flag("maximize", hp["maximize"])
+
+
+def _slots(hp: dict) -> tuple[str, ...]:
+    return SLOTS  # each array uses two (factored) or one of them: see layout()
+
+
+def layout(shape: tuple[int, ...]) -> dict[str, tuple[int, ...] | None]:
+    """The shape of each slot for a param of ``shape`` (None: the array has no such
+    slot). Factored over the last two axes for ``len(shape) >= 2``, as torch."""
+    shape = tuple(shape)
+    if len(shape) >= 2:
+        return {
+            "col_var": shape[:-2] + (1,) + shape[-1:],
+            "row_var": shape[:-1] + (1,),
+            "variance": None,
+        }
+    return {"col_var": None, "row_var": None, "variance": shape}
+
+
+def _init(p: Any, hp: dict, xp: Any) -> dict:
+    if _xp.float_kind(xp, p.dtype) == "complex":
+        raise TypeError(
+            f"adafactor does not take complex params (got an array of shape "
+            f"{tuple(p.shape)} and dtype {p.dtype}): its factored second moment has no "
+            "meaning for a pair of reals, and torch.optim.Adafactor refuses them too; pass "
+            "the real and imaginary parts as separate real arrays if that is what you want"
+        )
+    dev = _xp.device_of(p)
+    return {
+        name: None if shape is None else xp.zeros(shape, dtype=p.dtype, device=dev)
+        for name, shape in layout(p.shape).items()
+    }
+
+
+def _rms(x: Any, n: int, xp: Any) -> Any:
+    """Root mean square of all of ``x`` (a 0-d array): ``‖x‖₂ / sqrt(n)`` as torch."""
+    return xp.sqrt(xp.sum(x * x)) / math.sqrt(n)
+
+
+def _min(a: Any, b: Any, xp: Any) -> Any:
+    """min(a, b) of two numbers, or of a number and a 0-d array, or of two 0-d arrays."""
+    if _xp.is_python_scalar(a) and _xp.is_python_scalar(b):
+        return min(a, b)
+    if _xp.is_python_scalar(a):
+        return xp.clip(b, max=a)
+    return xp.clip(a, max=b)
+
+
+def _lerp(old: Any, new: Any, w: Any) -> Any:
+    """``old + w (new - old)``: torch's ``lerp_`` (exactly ``new`` at w = 1, step one)."""
+    return old + w * (new - old)
+
+
+def _step(p, g, s, hp, t, xp):
+    n = math.prod(p.shape)
+    if n == 0:  # nothing to update (torch raises ZeroDivisionError on an empty param)
+        return p, dict(s)
+    eps1, eps2 = hp["eps"]
+    if eps1 is None:  # the engine gives the param dtype's eps; this is for direct calls
+        eps1 = float(xp.finfo(p.dtype).eps)
+    g = grad_term(p, g, hp, decoupled=True)  # -g for maximize; no L2 term
+    w = t ** hp["beta2_decay"]  # 1 - beta2_t
+    rho = _min(hp["lr"], 1 / scalar_sqrt(t, xp), xp)
+    alpha = xp.clip(_rms(p, n, xp), min=eps2) * rho  # from p before the decay, as torch
+    p = param_term(p, hp, decoupled=True)  # p - lr·λ·p
+    g2 = g * g
+    if p.ndim >= 2:
+        row = _lerp(s["row_var"], xp.mean(g2, axis=-1, keepdims=True), w)
+        col = _lerp(s["col_var"], xp.mean(g2, axis=-2, keepdims=True), w)
+        new_s = {"row_var": row, "col_var": col}
+        # the outer product row ⊗ col (torch's row_var @ col_var), over the row mean
+        var = (row * col) / xp.clip(xp.mean(row, axis=-2, keepdims=True), min=eps1)
+    else:
+        var = _lerp(s["variance"], g2, w)
+        new_s = {"variance": var}
+    u = g / xp.sqrt(xp.clip(var, min=eps1 * eps1))
+    denom = xp.clip(_rms(u, n, xp) / hp["d"], min=1.0)
+    return p - (alpha / denom) * u, new_s
+
+
+ADAFACTOR = Rule("adafactor", DEFAULTS, _check, _slots, _step, init=_init, elementwise=False)
+
+
+class _FactoredOptimizer(Optimizer):
+    """:class:`polyopt.Optimizer` for a rule whose slots depend on each array's shape
+    (``layout(shape) -> {slot: shape or None}``). Three overrides, each small:
+
+    - ``_check``: ``eps=(None, eps2)`` is allowed (torch's "the param dtype's eps");
+    - ``_check_state``: each array's slots have the shapes ``layout`` gives, and only
+      those slots (the others are ``None`` in ``state.slots``);
+    - ``_step_one``: the rule gets only the array's own slots, and ``eps[0] = None``
+      resolved to ``finfo(param dtype).eps`` (torch's; the storage dtype, not the
+      float32 compute dtype of a half-precision param).
+
+    The engine could take these over with a ``Rule.layout`` hook (and ``None`` allowed
+    in a tuple hyperparameter whose default holds ``None``).
+    """
+
+    def __init__(self, rule: Rule, hyperparams: dict, impl: str, layout_fn: Callable):
+        self._layout = layout_fn
+        super().__init__(rule, hyperparams, impl)
+
+    def _check(self, hp: dict, where: str) -> dict:
+        eps = hp.get("eps")
+        if isinstance(eps, (tuple, list)) and len(eps) == 2 and eps[0] is None:
+            out = super()._check({**hp, "eps": (0.0, eps[1])}, where)
+            out["eps"] = (None, out["eps"][1])
+            return out
+        return super()._check(hp, where)
+
+    def _check_state(self, state: Any, groups: list, flat_params: list, path: Callable) -> None:
+        if not isinstance(state, OptState):
+            raise TypeError(f"state must be the OptState from init(), got {type(state).__name__}")
+        n = sum(len(lv) for lv, _ in flat_params)
+        _check_step(state.step, "state.step")
+        _check_counts(state.counts, state.step, n)
+        slots = state.slots
+        need = set(SLOTS)
+        if not isinstance(slots, dict) or set(slots) != need:
+            got = sorted(slots) if isinstance(slots, dict) else type(slots).__name__
+            raise ValueError(f"state.slots must hold {sorted(need)}, got {got}")
+        columns = {}
+        for name, arrays in slots.items():
+            if not isinstance(arrays, (tuple, list, _flat.Packed)) or len(arrays) != n:
+                raise ValueError(
+                    f"state slot {name!r} does not hold one entry for each of the {n} "
+                    "params; was it made by init() on these params?"
+                )
+            columns[name] = _flat.describe(arrays)
+        i = 0
+        for lv, _ in flat_params:
+            for p in lv:
+                for name, shape in sorted(self._layout(tuple(p.shape)).items()):
+                    a = columns[name][i]
+                    if shape is None and a is None:
+                        continue
+                    if shape is None or a is None or a[0] != shape or a[1] != p.dtype:
+                        want = "None" if shape is None else f"shape {shape}, dtype {p.dtype}"
+                        got = "None" if a is None else f"shape {a[0]}, dtype {a[1]}"
+                        raise ValueError(
+                            f"state.slots[{name!r}][{i}] is {got}, but {path(i)} of shape "
+                            f"{tuple(p.shape)} needs {want}; was the state made by init() "
+                            "on these params?"
+                        )
+                i += 1
+
+    def _step_one(self, xp, p, g, slots, hp, k):
+        eps1, eps2 = hp["eps"]
+        if eps1 is None:
+            hp = {**hp, "eps": (_dtype_eps(xp, p.dtype), eps2)}
+        mine = {name: a for name, a in slots.items() if a is not None}
+        new_p, new_s = super()._step_one(xp, p, g, mine, hp, k)
+        return new_p, {name: new_s.get(name) for name in slots}
+
+
+def _dtype_eps(xp: Any, dtype: Any) -> float:
+    try:
+        return float(xp.finfo(dtype).eps)
+    except (TypeError, ValueError):  # NumPy arrays of ml_dtypes.bfloat16
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).eps)
+
+
+def adafactor(
+    lr: float | Any = 1e-2,
+    beta2_decay: float = -0.8,
+    eps: tuple[float | None, float] = (None, 1e-3),
+    d: float = 1.0,
+    weight_decay: float | Any = 0.0,
+    *,
+    maximize: bool = False,
+    impl: str = "auto",
+) -> Optimizer:
+    r"""Adafactor (Shazeer & Stern, 2018), as ``torch.optim.Adafactor``.
+
+    With :math:`g_t` the gradient (negated if ``maximize``), t the array's update count,
+    γ = ``lr`` (or ``lr(k)``), λ = ``weight_decay``, (ε1, ε2) = ``eps``, τ =
+    ``beta2_decay``, RMS(x) = ‖x‖₂ / sqrt(x.size)::
+
+        w_t  = t^τ                                        (1 - β2_t)
+        ρ_t  = min(γ, 1/sqrt(t));   α_t = max(ε2, RMS(p_{t-1})) · ρ_t
+        p    = p_{t-1} - γ λ p_{t-1}                       (decoupled; skipped if λ = 0)
+        ndim >= 2, factored over the last two axes (rows i, columns j):
+          R_t = R_{t-1} + w_t (mean_j g_t² - R_{t-1})      row_var,  shape (..., m, 1)
+          C_t = C_{t-1} + w_t (mean_i g_t² - C_{t-1})      col_var,  shape (..., 1, n)
+          V_t = R_t C_t / max(mean_i R_t, ε1)
+        ndim <= 1:
+          V_t = V_{t-1} + w_t (g_t² - V_{t-1})             variance, p's shape
+        U_t  = g_t / sqrt(max(V_t, ε1²))
+        p_t  = p - α_t / max(1, RMS(U_t) / d) · U_t
+
+    ``eps[0] = None`` (the default) is ``finfo(p.dtype).eps`` of each param's own dtype
+    (torch's default; float16 params: 9.8e-4, not float32's 1.2e-7, though the math
+    runs in float32). Defaults are torch's: ``lr=1e-2``, ``beta2_decay=-0.8``,
+    ``eps=(None, 1e-3)``, ``d=1.0``, ``weight_decay=0.0``. torch's ``foreach`` is an
+    implementation choice: here ``impl``, and only the generic path exists (the step
+    reduces over the array, so no elementwise kernel applies).
+
+    Differences from torch: a param with no elements is left as it is (torch raises
+    ZeroDivisionError); with ``eps[0] = None`` and params of several dtypes in one
+    group, torch uses the first param's dtype for all of them, polyopt each param's
+    own; RMS(p) and RMS(U) stay on the device (torch reads them to the host, one sync
+    each per array). Complex params are refused at ``init`` (torch refuses them at
+    ``step``).
+
+    Conventions elsewhere: the paper (and optax's ``adafactor``, Hugging Face's
+    ``Adafactor``) add ε1 = 1e-30 to g² inside both factors, use ρ_t = min(0.01,
+    1/sqrt(t)) with no lr, and decay β2_t = 1 - t^-0.8 the same way; optax factors
+    the two largest axes (and only when both are >= ``min_dim_size_to_factor`` = 128)
+    rather than the last two, and has momentum off by default as here. torch's lr is
+    the cap of ρ_t, not a multiplier on the step; λ is multiplied by lr.
+
+    State per array: ``row_var`` and ``col_var`` (ndim >= 2) or ``variance`` (ndim <= 1):
+    for an (m, n) matrix m + n numbers instead of Adam's 2 m n.
+
+    Example:
+
+    >>> import numpy as np, polyopt
+    >>> from polyopt.rules.adafactor import adafactor
+    >>> opt = adafactor(lr=0.5)
+    >>> params = {"w": np.ones((2, 3)), "b": np.array([3.0, -4.0])}
+    >>> state = opt.init(params)
+    >>> [tuple(state.slots[k][1].shape) for k in ("row_var", "col_var")]  # params["w"]
+    [(2, 1), (1, 3)]
+    >>> params, state = opt.update(params, {"w": np.ones((2, 3)), "b": np.ones(2)}, state)
+    >>> params["b"]   # step one: U = sign(g), α = RMS(b) · min(0.5, 1) = 3.5355 · 0.5
+    array([ 1.23223305, -5.76776695])
+
+    Paper: https://arxiv.org/abs/1804.04235
+    """
+    hp = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay)
+    return _FactoredOptimizer(ADAFACTOR, {**hp, "maximize": maximize}, impl, layout)
