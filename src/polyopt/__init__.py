@@ -16,13 +16,16 @@ from . import schedules
 from ._base import Optimizer, OptState, StatefulOptimizer, stateful
 from .ema import EMA, ema
 from .rules.adadelta import adadelta
+from .rules.adafactor import adafactor
 from .rules.adagrad import adagrad
 from .rules.adam import adam, adamw
 from .rules.adamax import adamax
+from .rules.lamb import lamb
 from .rules.lion import lion
 from .rules.nadam import nadam
 from .rules.radam import radam
 from .rules.rmsprop import rmsprop
+from .rules.schedule_free import schedule_free_adamw, schedule_free_eval_params
 from .rules.sgd import sgd
 
 __version__ = "0.1.0"
@@ -37,6 +40,9 @@ NAdam = stateful(nadam, "NAdam")
 RAdam = stateful(radam, "RAdam")
 Adamax = stateful(adamax, "Adamax")
 Lion = stateful(lion, "Lion")
+Adafactor = stateful(adafactor, "Adafactor")
+Lamb = stateful(lamb, "Lamb")
+ScheduleFreeAdamW = stateful(schedule_free_adamw, "ScheduleFreeAdamW")
 
 #: Every optimizer: (functional factory, stateful class). Tests hold each to the table.
 OPTIMIZERS = {
@@ -50,34 +56,44 @@ OPTIMIZERS = {
     "radam": (radam, RAdam),
     "adamax": (adamax, Adamax),
     "lion": (lion, Lion),
+    "adafactor": (adafactor, Adafactor),
+    "lamb": (lamb, Lamb),
+    "schedule_free_adamw": (schedule_free_adamw, ScheduleFreeAdamW),
 }
 
 __all__ = [
-    "EMA",
-    "OPTIMIZERS",
-    "SGD",
     "Adadelta",
+    "Adafactor",
     "Adagrad",
     "Adam",
     "AdamW",
     "Adamax",
+    "EMA",
+    "Lamb",
     "Lion",
     "NAdam",
-    "RAdam",
+    "OPTIMIZERS",
     "OptState",
     "Optimizer",
+    "RAdam",
     "RMSprop",
+    "SGD",
+    "ScheduleFreeAdamW",
     "StatefulOptimizer",
     "adadelta",
+    "adafactor",
     "adagrad",
     "adam",
     "adamax",
     "adamw",
     "ema",
+    "lamb",
     "lion",
     "nadam",
     "radam",
     "rmsprop",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
     "schedules",
     "sgd",
     "stateful",

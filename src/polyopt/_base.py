@@ -69,6 +69,16 @@ class Rule:
       arithmetic or an elementwise function), so the fast paths derived from it apply
       (:mod:`polyopt.backends._derive`); False for a rule that reduces or reshapes
       (a factored second moment, an orthogonalization).
+    - ``layout(shape, hp)``: for a rule whose slots depend on the array, each slot's
+      shape for a param of ``shape`` (None: the array has no such slot; Adafactor's
+      factored moments). Default: every slot has the param's shape.
+    - ``counted(hp, t)``: numbers torch.optim keeps as per-parameter state that this
+      rule computes from the array's update count ``t`` instead (NAdam's
+      ``mu_product``): ``polyopt.torch`` keeps them in ``state[p]`` as torch does, so
+      state dicts move between the two.
+    - ``for_dtype(hp, dtype, xp)``: hyperparameters that depend on the param's own
+      (storage) dtype, resolved before the step casts to the compute dtype (Adafactor's
+      ``eps=(None, ...)``: torch's "the param dtype's eps").
 
     A rule whose ``step`` is built by :func:`two_part` also exposes its two halves as
     :attr:`parts`, so a fast path can run the state update over many arrays at once
@@ -83,6 +93,9 @@ class Rule:
     init: Callable[[Any, dict, Any], dict] | None = None
     schedulable: tuple[str, ...] = ("lr", "weight_decay")
     elementwise: bool = True
+    layout: Callable[[tuple, dict], Mapping[str, tuple | None]] | None = None
+    for_dtype: Callable[[dict, Any, Any], dict] | None = None
+    counted: Callable[[dict, int], Mapping[str, float]] | None = None
 
     @property
     def parts(self) -> tuple[Callable, Callable] | None:
@@ -96,7 +109,13 @@ class Rule:
         if self.init is None:
             return {name: [xp.zeros_like(p) for p in params] for name in names}
         per = [self.init(p, hp, xp) for p in params]
-        return {name: [s[name] for s in per] for name in names}
+        return {name: [s.get(name) for s in per] for name in names}
+
+    def slot_shapes(self, shape: tuple, hp: dict) -> dict[str, tuple | None]:
+        """Each slot's shape for a param of ``shape`` (None: no such slot there)."""
+        if self.layout is None:
+            return {name: shape for name in self.slots(hp)}
+        return dict(self.layout(shape, hp))
 
 
 class two_part:  # noqa: N801 - used like a function: step = two_part(f, g)
@@ -265,8 +284,12 @@ class Optimizer:
                     n = len(self.rule.defaults[name])
                     if not isinstance(value, (tuple, list)) or len(value) != n:
                         raise ValueError(f"{name} must be a tuple of {n} numbers, got {value!r}")
+                    default = self.rule.defaults[name]
                     out[name] = tuple(
-                        _validate.normalize(f"{name}[{i}]", x) for i, x in enumerate(value)
+                        x
+                        if x is None and default[i] is None  # Adafactor's eps=(None, ...)
+                        else _validate.normalize(f"{name}[{i}]", x)
+                        for i, x in enumerate(value)
                     )
             self.rule.check(out)
         except (ValueError, TypeError) as e:
@@ -539,6 +562,15 @@ class Optimizer:
         return cdt, hp, xp.astype(k + 1, cdt)
 
     def _step_one(self, xp, p, g, slots, hp, k):
+        if self.rule.layout is not None:  # the rule sees this array's own slots only
+            mine = {n: a for n, a in slots.items() if a is not None}
+            new_p, new_s = self._step_arrays(xp, p, g, mine, hp, k)
+            return new_p, {n: new_s.get(n) for n in slots}
+        return self._step_arrays(xp, p, g, slots, hp, k)
+
+    def _step_arrays(self, xp, p, g, slots, hp, k):
+        if self.rule.for_dtype is not None:
+            hp = self.rule.for_dtype(hp, p.dtype, xp)
         cdt, hp, t = Optimizer.step_args(xp, p.dtype, hp, k)
         if cdt != p.dtype:
             p_c, g_c = xp.astype(p, cdt), xp.astype(g, cdt)
@@ -654,22 +686,26 @@ class Optimizer:
                 )
             columns[name] = _flat.describe(arrays)  # shapes and dtypes, nothing sliced
         i, ordered = 0, sorted(need)
-        for names, (lv, _) in zip(group_names, flat_params):
+        rule = self.rule
+        for hp, (lv, _) in zip(groups, flat_params):
             for p in lv:
+                want = rule.slot_shapes(tuple(p.shape), hp)
                 for name in ordered:
-                    a = columns[name][i]
-                    if (a is None) == (name in names):
+                    a, shape = columns[name][i], want.get(name)
+                    if (a is None) != (shape is None):
+                        mine = sorted(n for n, sh in want.items() if sh is not None)
                         raise ValueError(
                             f"state.slots[{name!r}][{i}] is "
                             + ("None" if a is None else "an array")
                             + f", but the hyperparameters of {path(i)}'s group need "
-                            f"{sorted(names)} (was amsgrad/momentum/centered changed after init?)"
+                            f"{mine} (was amsgrad/momentum/centered changed after init?)"
                         )
-                    if a is not None and (a[0] != tuple(p.shape) or a[1] != p.dtype):
+                    if a is not None and (a[0] != shape or a[1] != p.dtype):
                         raise ValueError(
                             f"state.slots[{name!r}][{i}] has shape {a[0]} and dtype {a[1]}, "
-                            f"but {path(i)} has shape {tuple(p.shape)} and dtype {p.dtype}; "
-                            "was the state made by init() on these params?"
+                            f"but {path(i)} of shape {tuple(p.shape)} and dtype {p.dtype} "
+                            f"needs shape {shape}; was the state made by init() on these "
+                            "params?"
                         )
                 i += 1
 
@@ -1118,8 +1154,7 @@ class StatefulOptimizer:
                 _group_label(gi, self._grouped),
             )
             new_groups.append({**hp, **{k: checked[k] for k in hp if k in known}})
-            names = rule.slots(checked)
-            leaves.extend((p, names) for p in lv)
+            leaves.extend((p, rule.slot_shapes(tuple(p.shape), checked)) for p in lv)
             start += len(lv)
         saved_state = state_dict["state"]
         if not isinstance(saved_state, Mapping):
@@ -1139,7 +1174,8 @@ class StatefulOptimizer:
                 f"expected one for each of the {len(leaves)} params"
             )
         counts: list | None = None
-        for i, (p, names) in enumerate(leaves):
+        for i, (p, shapes) in enumerate(leaves):
+            names = sorted(n for n, sh in shapes.items() if sh is not None)
             entry = saved_state[i]
             where = f"state_dict['state'][{i}]"
             if not isinstance(entry, Mapping):
@@ -1157,10 +1193,10 @@ class StatefulOptimizer:
                         f"{where}[{name!r}] must be an array, got {type(a).__name__} "
                         "(a JSON round trip turns arrays into lists)"
                     )
-                if tuple(a.shape) != tuple(p.shape) or _dtype_name(a.dtype) != _dtype_name(p.dtype):
+                if tuple(a.shape) != shapes[name] or _dtype_name(a.dtype) != _dtype_name(p.dtype):
                     raise ValueError(
                         f"{where}[{name!r}] has shape {tuple(a.shape)} and dtype "
-                        f"{a.dtype}, expected shape {tuple(p.shape)} and dtype {p.dtype}"
+                        f"{a.dtype}, expected shape {shapes[name]} and dtype {p.dtype}"
                     )
             if "step" in entry:
                 c = entry["step"]
@@ -1178,7 +1214,8 @@ class StatefulOptimizer:
             slots_list.append(
                 {n: _xp.copy(xp, xp.asarray(a, device=dev)) for n, a in entry.items()}
             )
-        columns = OptState.slots_from_per_array(slots_list)
+        every = sorted({n for _, shapes in leaves for n in shapes})
+        columns = {n: tuple(entry.get(n) for entry in slots_list) for n in every}
         new_counts = None if counts is None or all(c == step for c in counts) else tuple(counts)
         # everything checked and copied: now commit
         with deferred_interrupt():

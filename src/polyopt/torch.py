@@ -243,6 +243,7 @@ def _run(opt: _Adapter, grad_scale: Any, found_inf: Any) -> None:
         get = opt.state.get
         views: list = []
         names_of: list = []
+        hp_of: list = []  # each param's group hyperparameters (for rule.counted)
         present: list = []
         fresh: list = []
         buffered: list = []  # SGD: 1 where a momentum buffer exists (updated before)
@@ -263,6 +264,7 @@ def _run(opt: _Adapter, grad_scale: Any, found_inf: Any) -> None:
                     missing.append((len(views), p, s or _EMPTY))
                 views.append(s)
             names_of += [names] * len(ps)
+            hp_of += [hp] * len(ps)
             if missing:
                 xp = _namespace([missing[0][1]])
                 hp0 = engine._at_step(hp, 0)
@@ -331,8 +333,20 @@ def _run(opt: _Adapter, grad_scale: Any, found_inf: Any) -> None:
             if counted:
                 skipped = found_inf if on_device else None
                 _steps(opt).advance(views, present, counts, mine and not fresh, skipped)
+            if rule.counted is not None and not on_device:
+                _keep_counted(rule, views, present, counts, hp_of)
             for p, entry in fresh:
                 opt.state[p].update(entry)
+
+
+def _keep_counted(rule, views: list, present: list, counts: list, hps: list) -> None:
+    """The per-param numbers torch keeps and the rule computes from the count (NAdam's
+    ``mu_product``), after the step, as 0-d tensors of torch's scalar dtype."""
+    for v, x, k, hp in zip(views, present, counts, hps):
+        if x:
+            at = _base.Optimizer._at_step(hp, k)
+            for name, value in rule.counted(at, k + 1).items():
+                v[name] = torch.tensor(value, dtype=_scalar_dtype())
 
 
 def _namespace(tensors: list) -> Any:

@@ -13,20 +13,11 @@ asks this module's :func:`layout` instead (see its docstring).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 from .. import _validate as v
 from .. import _xp
-from .. import flat as _flat
-from .._base import (
-    Optimizer,
-    OptState,
-    Rule,
-    _check_counts,
-    _check_step,
-    scalar_sqrt,
-)
+from .._base import Optimizer, Rule, scalar_sqrt
 from ._common import grad_term, param_term
 
 DEFAULTS = dict(
@@ -59,7 +50,7 @@ def _slots(hp: dict) -> tuple[str, ...]:
     return SLOTS  # each array uses two (factored) or one of them: see layout()
 
 
-def layout(shape: tuple[int, ...]) -> dict[str, tuple[int, ...] | None]:
+def layout(shape: tuple[int, ...], hp: dict | None = None) -> dict[str, tuple[int, ...] | None]:
     """The shape of each slot for a param of ``shape`` (None: the array has no such
     slot). Factored over the last two axes for ``len(shape) >= 2``, as torch."""
     shape = tuple(shape)
@@ -111,7 +102,7 @@ def _step(p, g, s, hp, t, xp):
     if n == 0:  # nothing to update (torch raises ZeroDivisionError on an empty param)
         return p, dict(s)
     eps1, eps2 = hp["eps"]
-    if eps1 is None:  # the engine gives the param dtype's eps; this is for direct calls
+    if eps1 is None:  # a direct call; the engine resolves it first (_for_dtype)
         eps1 = float(xp.finfo(p.dtype).eps)
     g = grad_term(p, g, hp, decoupled=True)  # -g for maximize; no L2 term
     w = t ** hp["beta2_decay"]  # 1 - beta2_t
@@ -133,79 +124,13 @@ def _step(p, g, s, hp, t, xp):
     return p - (alpha / denom) * u, new_s
 
 
-ADAFACTOR = Rule("adafactor", DEFAULTS, _check, _slots, _step, init=_init, elementwise=False)
-
-
-class _FactoredOptimizer(Optimizer):
-    """:class:`polyopt.Optimizer` for a rule whose slots depend on each array's shape
-    (``layout(shape) -> {slot: shape or None}``). Three overrides, each small:
-
-    - ``_check``: ``eps=(None, eps2)`` is allowed (torch's "the param dtype's eps");
-    - ``_check_state``: each array's slots have the shapes ``layout`` gives, and only
-      those slots (the others are ``None`` in ``state.slots``);
-    - ``_step_one``: the rule gets only the array's own slots, and ``eps[0] = None``
-      resolved to ``finfo(param dtype).eps`` (torch's; the storage dtype, not the
-      float32 compute dtype of a half-precision param).
-
-    The engine could take these over with a ``Rule.layout`` hook (and ``None`` allowed
-    in a tuple hyperparameter whose default holds ``None``).
-    """
-
-    def __init__(self, rule: Rule, hyperparams: dict, impl: str, layout_fn: Callable):
-        self._layout = layout_fn
-        super().__init__(rule, hyperparams, impl)
-
-    def _check(self, hp: dict, where: str) -> dict:
-        eps = hp.get("eps")
-        if isinstance(eps, (tuple, list)) and len(eps) == 2 and eps[0] is None:
-            out = super()._check({**hp, "eps": (0.0, eps[1])}, where)
-            out["eps"] = (None, out["eps"][1])
-            return out
-        return super()._check(hp, where)
-
-    def _check_state(self, state: Any, groups: list, flat_params: list, path: Callable) -> None:
-        if not isinstance(state, OptState):
-            raise TypeError(f"state must be the OptState from init(), got {type(state).__name__}")
-        n = sum(len(lv) for lv, _ in flat_params)
-        _check_step(state.step, "state.step")
-        _check_counts(state.counts, state.step, n)
-        slots = state.slots
-        need = set(SLOTS)
-        if not isinstance(slots, dict) or set(slots) != need:
-            got = sorted(slots) if isinstance(slots, dict) else type(slots).__name__
-            raise ValueError(f"state.slots must hold {sorted(need)}, got {got}")
-        columns = {}
-        for name, arrays in slots.items():
-            if not isinstance(arrays, (tuple, list, _flat.Packed)) or len(arrays) != n:
-                raise ValueError(
-                    f"state slot {name!r} does not hold one entry for each of the {n} "
-                    "params; was it made by init() on these params?"
-                )
-            columns[name] = _flat.describe(arrays)
-        i = 0
-        for lv, _ in flat_params:
-            for p in lv:
-                for name, shape in sorted(self._layout(tuple(p.shape)).items()):
-                    a = columns[name][i]
-                    if shape is None and a is None:
-                        continue
-                    if shape is None or a is None or a[0] != shape or a[1] != p.dtype:
-                        want = "None" if shape is None else f"shape {shape}, dtype {p.dtype}"
-                        got = "None" if a is None else f"shape {a[0]}, dtype {a[1]}"
-                        raise ValueError(
-                            f"state.slots[{name!r}][{i}] is {got}, but {path(i)} of shape "
-                            f"{tuple(p.shape)} needs {want}; was the state made by init() "
-                            "on these params?"
-                        )
-                i += 1
-
-    def _step_one(self, xp, p, g, slots, hp, k):
-        eps1, eps2 = hp["eps"]
-        if eps1 is None:
-            hp = {**hp, "eps": (_dtype_eps(xp, p.dtype), eps2)}
-        mine = {name: a for name, a in slots.items() if a is not None}
-        new_p, new_s = super()._step_one(xp, p, g, mine, hp, k)
-        return new_p, {name: new_s.get(name) for name in slots}
+def _for_dtype(hp: dict, dtype: Any, xp: Any) -> dict:
+    """``eps=(None, ε2)``: torch's ε1, the eps of the param's own dtype (float16: 9.8e-4,
+    though the step computes in float32)."""
+    eps1, eps2 = hp["eps"]
+    if eps1 is not None:
+        return hp
+    return {**hp, "eps": (_dtype_eps(xp, dtype), eps2)}
 
 
 def _dtype_eps(xp: Any, dtype: Any) -> float:
@@ -215,6 +140,19 @@ def _dtype_eps(xp: Any, dtype: Any) -> float:
         import ml_dtypes
 
         return float(ml_dtypes.finfo(dtype).eps)
+
+
+ADAFACTOR = Rule(
+    "adafactor",
+    DEFAULTS,
+    _check,
+    _slots,
+    _step,
+    init=_init,
+    elementwise=False,
+    layout=layout,
+    for_dtype=_for_dtype,
+)
 
 
 def adafactor(
@@ -255,7 +193,7 @@ def adafactor(
     Differences from torch: a param with no elements is left as it is (torch raises
     ZeroDivisionError); with ``eps[0] = None`` and params of several dtypes in one
     group, torch uses the first param's dtype for all of them, polyopt each param's
-    own; RMS(p) and RMS(U) stay on the device (torch reads them to the host, one sync
+    own compute dtype; RMS(p) and RMS(U) stay on the device (torch reads them to the host, one sync
     each per array). Complex params are refused at ``init`` (torch refuses them at
     ``step``).
 
@@ -272,7 +210,7 @@ def adafactor(
     Example:
 
     >>> import numpy as np, polyopt
-    >>> from polyopt.rules.adafactor import adafactor
+    >>> from polyopt import adafactor
     >>> opt = adafactor(lr=0.5)
     >>> params = {"w": np.ones((2, 3)), "b": np.array([3.0, -4.0])}
     >>> state = opt.init(params)
@@ -285,4 +223,4 @@ def adafactor(
     Paper: https://arxiv.org/abs/1804.04235
     """
     hp = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay)
-    return _FactoredOptimizer(ADAFACTOR, {**hp, "maximize": maximize}, impl, layout)
+    return Optimizer(ADAFACTOR, {**hp, "maximize": maximize}, impl)

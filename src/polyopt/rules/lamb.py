@@ -103,9 +103,8 @@ def lamb(
 
     Example:
 
-    >>> import numpy as np
-    >>> from polyopt.rules.lamb import lamb
-    >>> opt = lamb(lr=0.1)
+    >>> import numpy as np, polyopt
+    >>> opt = polyopt.lamb(lr=0.1)
     >>> params = np.array([3.0, 4.0])
     >>> state = opt.init(params)
     >>> params, state = opt.update(params, np.array([1.0, 1.0]), state)

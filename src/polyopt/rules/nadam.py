@@ -104,7 +104,13 @@ def _move(p, g, s, hp, t, xp):
     return p - step_g * (g / denom) - step_m * (s["exp_avg"] / denom)
 
 
-NADAM = Rule("nadam", DEFAULTS, _check, _slots, two_part(_moments, _move))
+def _counted(hp: dict, t: int) -> dict:
+    """torch's per-parameter ``mu_product`` after ``t`` updates."""
+    beta1, psi = float(hp["betas"][0]), float(hp["momentum_decay"])  # 0-d tensors too
+    return {"mu_product": mu_product(beta1, psi, t, None)}
+
+
+NADAM = Rule("nadam", DEFAULTS, _check, _slots, two_part(_moments, _move), counted=_counted)
 
 
 def nadam(

@@ -162,15 +162,14 @@ def schedule_free_adamw(
 
     Example:
 
-    >>> import numpy as np
-    >>> from polyopt.rules.schedule_free import schedule_free_adamw, schedule_free_eval_params
-    >>> opt = schedule_free_adamw(lr=0.5, betas=(0.5, 0.999), eps=0.0)
+    >>> import numpy as np, polyopt
+    >>> opt = polyopt.schedule_free_adamw(lr=0.5, betas=(0.5, 0.999), eps=0.0)
     >>> y = np.array([1.0])
     >>> state = opt.init(y)
     >>> y, state = opt.update(y, np.array([2.0]), state)
     >>> state.slots["z"][0]   # z moves by lr; c_1 = 1 so x = z
     array([0.5])
-    >>> y, schedule_free_eval_params(state, y, optimizer=opt)   # y = (x + z) / 2
+    >>> y, polyopt.schedule_free_eval_params(state, y, optimizer=opt)   # y = (x + z) / 2
     (array([0.5]), array([0.5]))
 
     Paper: https://arxiv.org/abs/2405.15682
