@@ -283,6 +283,13 @@ TORCH_HP = {
     "Adadelta": {},
     "Adam": {},
     "AdamW": {},
+    "NAdam": {},
+    "RAdam": {},
+    "Adamax": {},
+    "Lion": {},
+    "Adafactor": {},
+    "Lamb": {},
+    "ScheduleFreeAdamW": {},
 }
 TORCH_MODES = {
     "fused": {"fused": True},
@@ -314,6 +321,8 @@ def _torch_class(name: str, mode: str) -> Callable:
     def build(pb: Problem) -> Callable[[], None]:
         _need("torch")
         torch, params = _torch_params(pb)
+        if not hasattr(torch.optim, name):
+            raise Unavailable(f"n/a: torch.optim has no {name}")
         try:
             opt = getattr(torch.optim, name)(params, **TORCH_HP[name], **TORCH_MODES[mode])
         except (RuntimeError, ValueError, TypeError) as e:
@@ -354,7 +363,28 @@ OPTAX_TWINS = {
     "Adadelta": lambda optax: optax.adadelta(1.0, rho=0.9, eps=1e-6),
     "Adam": lambda optax: optax.adam(1e-3),
     "AdamW": lambda optax: optax.adamw(1e-3, weight_decay=1e-2),
+    # the same work per element, not the same numbers: optax's NAdam has no momentum
+    # schedule, its RAdam and Adamax put eps elsewhere, its Adafactor factors the two
+    # largest axes of matrices of at least 128 x 128
+    "NAdam": lambda optax: optax.nadam(2e-3),
+    "RAdam": lambda optax: optax.radam(1e-3),
+    "Adamax": lambda optax: optax.adamax(2e-3),
+    "Lion": lambda optax: optax.lion(1e-4, weight_decay=1e-3),
+    "Adafactor": lambda optax: optax.adafactor(1e-2),
+    "Lamb": lambda optax: optax.lamb(1e-3),
+    "ScheduleFreeAdamW": lambda optax: optax.contrib.schedule_free_adamw(2.5e-3),
 }
+
+
+def functional_name(name: str) -> str:
+    """The functional name of the optimizer whose class is ``name`` (``"AdamW"`` ->
+    ``"adamw"``)."""
+    import polyopt
+
+    for fname, (_, cls) in polyopt.OPTIMIZERS.items():
+        if cls.__name__ == name:
+            return fname
+    raise KeyError(name)
 
 
 def traffic_bytes(name: str) -> int:
@@ -372,10 +402,12 @@ def _polyopt_class_numpy(name: str) -> Callable:
         import polyopt
         from polyopt import backends
 
-        if not backends.available(name.lower(), "numpy"):
+        rule = polyopt.OPTIMIZERS[functional_name(name)][0]().rule
+        if rule.elementwise and not backends.available(rule, "numpy"):
             raise Unavailable("n/a: pip install numba")
         params, grads = [a.copy() for a in pb.params], [a.copy() for a in pb.grads]
-        opt = getattr(polyopt, name)(params, **TORCH_HP[name], impl="fused")
+        impl = "fused" if rule.elementwise else "generic"  # a rule that reduces: generic
+        opt = getattr(polyopt, name)(params, **TORCH_HP[name], impl=impl)
         return lambda: opt.step(grads)
 
     return build
@@ -387,7 +419,8 @@ def _polyopt_functional_jax(name: str) -> Callable:
         import polyopt
 
         jax, params, grads = _jax_arrays(pb)
-        return _jax_step(jax, polyopt.OPTIMIZERS[name.lower()][0](**TORCH_HP[name]), params, grads)
+        factory = polyopt.OPTIMIZERS[functional_name(name)][0]
+        return _jax_step(jax, factory(**TORCH_HP[name]), params, grads)
 
     return build
 
@@ -424,7 +457,7 @@ def optimizer_implementations(name: str) -> list[tuple[str, str, Callable]]:
         rows.append(("thinc NumpyOps.adam (flat)", "numpy", _thinc_adam))
     rows.append((f"polyopt.torch.{name}", "torch", _adapter(name)))
     rows += [(f"torch.optim.{name} {m}", "torch", _torch_class(name, m)) for m in TORCH_MODES]
-    rows.append((f"polyopt jax {name.lower()} jit", "jax", _polyopt_functional_jax(name)))
+    rows.append((f"polyopt jax {functional_name(name)} jit", "jax", _polyopt_functional_jax(name)))
     rows.append(("optax twin jit", "jax", _optax_twin(name)))
     return rows
 
@@ -445,7 +478,7 @@ def optimizer_summary(name: str, rows: list[Row], pb: Problem, update_gbs: float
         )
     if ms.get(f"polyopt.torch.{name}") and torch_best:
         out.append(f"torch {ms[f'polyopt.torch.{name}'] / torch_best:.2f}x torch's fastest")
-    jx, twin = ms.get(f"polyopt jax {name.lower()} jit"), ms.get("optax twin jit")
+    jx, twin = ms.get(f"polyopt jax {functional_name(name)} jit"), ms.get("optax twin jit")
     if jx and twin:
         out.append(f"jax {jx / twin:.2f}x optax")
     return out
