@@ -22,6 +22,7 @@ from .rules.adam import adam, adamw
 from .rules.adamax import adamax
 from .rules.lamb import lamb
 from .rules.lion import lion
+from .rules.muon import muon
 from .rules.nadam import nadam
 from .rules.radam import radam
 from .rules.rmsprop import rmsprop
@@ -43,6 +44,7 @@ Lion = stateful(lion, "Lion")
 Adafactor = stateful(adafactor, "Adafactor")
 Lamb = stateful(lamb, "Lamb")
 ScheduleFreeAdamW = stateful(schedule_free_adamw, "ScheduleFreeAdamW")
+Muon = stateful(muon, "Muon")
 
 #: Every optimizer: (functional factory, stateful class). Tests hold each to the table.
 OPTIMIZERS = {
@@ -59,6 +61,7 @@ OPTIMIZERS = {
     "adafactor": (adafactor, Adafactor),
     "lamb": (lamb, Lamb),
     "schedule_free_adamw": (schedule_free_adamw, ScheduleFreeAdamW),
+    "muon": (muon, Muon),
 }
 
 __all__ = [
@@ -71,6 +74,7 @@ __all__ = [
     "EMA",
     "Lamb",
     "Lion",
+    "Muon",
     "NAdam",
     "OPTIMIZERS",
     "OptState",
@@ -89,6 +93,7 @@ __all__ = [
     "ema",
     "lamb",
     "lion",
+    "muon",
     "nadam",
     "radam",
     "rmsprop",

@@ -388,7 +388,7 @@ def adapter(name: str, factory: Callable[..., _base.Optimizer], base: type | Non
     )
     if base is not None:
         torch_args = set(inspect.signature(base.__init__).parameters)
-        torch_args |= set(base([torch.zeros(1)]).defaults)  # AdamW sets decoupled_weight_decay
+        torch_args |= set(base([torch.zeros(1, 1)]).defaults)  # AdamW: decoupled_weight_decay
         extras = tuple(k for k in rule.defaults if k not in torch_args)
 
         def __init__(self, params, *args, **kwargs):  # noqa: N807
@@ -412,7 +412,7 @@ def adapter(name: str, factory: Callable[..., _base.Optimizer], base: type | Non
             parameters=list(sig.parameters.values()) + extra_params
         )
         bases: tuple = (_Adapter, base)
-        counted = name != "SGD"  # torch's SGD keeps no step counter
+        counted = name not in ("SGD", "Muon")  # torch keeps no step counter for these
     else:
         extras = ()
         fsig = inspect.signature(factory)

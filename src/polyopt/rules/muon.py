@@ -244,8 +244,7 @@ def muon(
     ...           "w2": rng.standard_normal((2, 4)), "b2": np.zeros(2)}
     >>> matrices = {k: p for k, p in params.items() if p.ndim == 2}
     >>> others = {k: p for k, p in params.items() if p.ndim != 2}
-    >>> from polyopt.rules.muon import muon
-    >>> opt_muon = muon(lr=0.02, weight_decay=0.0)
+    >>> opt_muon = polyopt.muon(lr=0.02, weight_decay=0.0)
     >>> opt_adamw = polyopt.adamw(lr=3e-4, weight_decay=0.01)
     >>> s_muon, s_adamw = opt_muon.init(matrices), opt_adamw.init(others)
     >>> before = matrices["w2"].copy()
