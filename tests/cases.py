@@ -8,6 +8,8 @@ from polyopt.testing._cases import (
     CASES as ALL_CASES,
 )
 from polyopt.testing._cases import (
+    FULL,
+    SCHEDULED,
     SHAPES,
     Case,
     S,
@@ -17,12 +19,16 @@ from polyopt.testing._cases import (
     polyopt_schedule,
     resolve,
     resolve_hyperparams,
+    richest,
+    tagged,
 )
 
 __all__ = [
     "ALL_CASES",
     "CASES",
     "CASE_IDS",
+    "FULL",
+    "SCHEDULED",
     "SHAPES",
     "Case",
     "S",
@@ -33,6 +39,8 @@ __all__ = [
     "reference_hyperparams",
     "resolve",
     "resolve_hyperparams",
+    "richest",
+    "tagged",
 ]
 
 #: Single-group rows: the per-array reference and torch comparisons. The parameter-group

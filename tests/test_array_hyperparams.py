@@ -28,14 +28,12 @@ import torch_maxdiff as T  # noqa: E402
 from polyopt import testing
 
 NAMES = list(polyopt.OPTIMIZERS)
-CFG = {
-    "sgd": dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
-    "adagrad": dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1),
-    "rmsprop": dict(lr=0.01, alpha=0.9, momentum=0.5, centered=True, weight_decay=0.01),
-    "adadelta": dict(lr=0.5, rho=0.8, eps=1e-5, weight_decay=0.01),
-    "adam": dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01, amsgrad=True),
-    "adamw": dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
-}
+TORCH_NAMES = [n for n in NAMES if T.torch_class(n)]
+
+
+def _cfg(name):
+    """The optimizer's row of the case table with every state slot, plain numbers only."""
+    return testing.polyopt_hyperparams(testing.richest(name))
 
 
 def _numeric(hp):
@@ -81,7 +79,7 @@ def test_numpy_numbers_keep_the_dtype_and_equal_python_floats(name, form, kind, 
     factory, cls = polyopt.OPTIMIZERS[name]
     p0, gs = _problem(np.float32)
     out = {}
-    for which, hp in (("float", CFG[name]), (kind, _as(kind, CFG[name]))):
+    for which, hp in (("float", _cfg(name)), (kind, _as(kind, _cfg(name)))):
         params = [p.copy() for p in p0]
         if form == "stateful":
             opt = cls(params, **hp, impl=impl)
@@ -111,11 +109,11 @@ def test_a_numpy_lr_set_on_a_live_param_group_keeps_the_dtype():
 # -- torch tensors -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TORCH_NAMES)
 def test_torch_tensor_hyperparameters_equal_torch_optim(name):
     torch = pytest.importorskip("torch")
-    cls = getattr(torch.optim, T.TORCH_CLASSES[name])
-    hp = CFG[name]
+    cls = T.torch_class(name)
+    hp = _cfg(name)
     p0, gs = _problem(np.float64, steps=8)
     ours = [torch.tensor(p) for p in p0]
     theirs = [torch.tensor(p, requires_grad=True) for p in p0]
@@ -199,7 +197,7 @@ def _train(name, hp, params, grads):
 def test_jit_with_array_hyperparameters_equals_numbers(jax, name):
     jnp = jax.numpy
     params, grads = _jax_problem(jnp)
-    hp = CFG[name]
+    hp = _cfg(name)
     numeric = _numeric(hp)
 
     @jax.jit
@@ -221,7 +219,7 @@ def test_jit_with_array_hyperparameters_equals_numbers(jax, name):
 def test_vmap_over_learning_rates_equals_separate_runs(jax, name):
     jnp = jax.numpy
     params, grads = _jax_problem(jnp)
-    hp = CFG[name]
+    hp = _cfg(name)
     lrs = jnp.asarray([0.5, 1.0, 2.0]) * hp["lr"]
     batched = jax.vmap(lambda lr: _train(name, {**hp, "lr": lr}, params, grads))(lrs)
     for i, lr in enumerate(lrs.tolist()):
@@ -261,7 +259,7 @@ def test_grad_with_respect_to_lr_sgd_closed_form(jax):
 def test_grad_with_respect_to_lr_matches_finite_differences(jax, name):
     jnp = jax.numpy
     params, grads = _jax_problem(jnp)
-    hp = CFG[name]
+    hp = _cfg(name)
 
     def loss(lr):
         p = _train(name, {**hp, "lr": lr}, params, grads)

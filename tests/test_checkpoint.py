@@ -17,48 +17,24 @@ import numpy as np
 import pytest
 
 import polyopt
-from polyopt import schedules
+from polyopt import testing
 
 torch = pytest.importorskip("torch")
 
 BACKENDS = ("numpy", "torch")
+NAMES = list(polyopt.OPTIMIZERS)
 
-# optimizer -> option sets (each exercises different state slots / step-count dependence)
-OPTIONS = {
-    "sgd": [
-        dict(lr=0.1),
-        dict(lr=0.1, momentum=0.9, dampening=0.3),
-        dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
-    ],
-    "adagrad": [dict(lr=0.1), dict(lr=0.1, lr_decay=0.05, initial_accumulator_value=0.2)],
-    "rmsprop": [
-        dict(lr=0.01),
-        dict(lr=0.01, momentum=0.9),
-        dict(lr=0.01, centered=True),
-        dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.01),
-    ],
-    "adadelta": [dict(), dict(lr=0.5, rho=0.8, weight_decay=0.01)],
-    "adam": [dict(lr=0.01), dict(lr=0.01, amsgrad=True, weight_decay=0.01)],
-    "adamw": [
-        dict(lr=0.01),
-        dict(lr=0.01, amsgrad=True),
-        dict(lr=schedules.cosine(0.05, 10), weight_decay=0.1),
-    ],
-}
+# each optimizer's rows of the case table with every state slot: with numbers, and with
+# schedules (step-count dependence)
 CASES = [
-    pytest.param(name, hp, id=f"{name}-{i}")
-    for name, hps in OPTIONS.items()
-    for i, hp in enumerate(hps)
+    pytest.param(c.name, testing.polyopt_hyperparams(c), id=c.id) for c in testing.CASES if c.tags
 ]
-# configurations with state slots, for the snapshot tests
-STATEFUL_CFG = {
-    "sgd": dict(lr=0.1, momentum=0.9),
-    "adagrad": dict(lr=0.1),
-    "rmsprop": dict(lr=0.01, momentum=0.9, centered=True),
-    "adadelta": dict(),
-    "adam": dict(lr=0.01, amsgrad=True),
-    "adamw": dict(lr=0.01),
-}
+
+
+def _stateful_cfg(name):
+    """A configuration with every state slot, for the snapshot tests."""
+    return testing.polyopt_hyperparams(testing.richest(name))
+
 
 SHAPES = {"w": (3, 4), "b": (4,), "z": (2,)}
 
@@ -116,10 +92,10 @@ def _fill(x, value):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(STATEFUL_CFG))
+@pytest.mark.parametrize("name", NAMES)
 def test_state_dict_is_not_changed_by_the_optimizer(name, backend):
     _, cls = polyopt.OPTIMIZERS[name]
-    opt = cls(make_params(backend), **STATEFUL_CFG[name])
+    opt = cls(make_params(backend), **_stateful_cfg(name))
     for k in range(3):
         opt.step(make_grads(backend, k))
     sd = opt.state_dict()
@@ -143,10 +119,10 @@ def test_state_dict_is_not_changed_by_the_optimizer(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(STATEFUL_CFG))
+@pytest.mark.parametrize("name", NAMES)
 def test_modifying_the_state_dict_does_not_change_the_optimizer(name, backend):
     _, cls = polyopt.OPTIMIZERS[name]
-    opt = cls(make_params(backend), **STATEFUL_CFG[name])
+    opt = cls(make_params(backend), **_stateful_cfg(name))
     for k in range(2):
         opt.step(make_grads(backend, k))
     reference = deep_copy_sd(opt.state_dict())
@@ -162,14 +138,14 @@ def test_modifying_the_state_dict_does_not_change_the_optimizer(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(STATEFUL_CFG))
+@pytest.mark.parametrize("name", NAMES)
 def test_loaded_dict_stays_independent(name, backend):
     _, cls = polyopt.OPTIMIZERS[name]
-    donor = cls(make_params(backend), **STATEFUL_CFG[name])
+    donor = cls(make_params(backend), **_stateful_cfg(name))
     for k in range(2):
         donor.step(make_grads(backend, k))
     sd = donor.state_dict()
-    opt = cls(make_params(backend, seed=1), **STATEFUL_CFG[name])
+    opt = cls(make_params(backend, seed=1), **_stateful_cfg(name))
     opt.load_state_dict(sd)
     loaded = deep_copy_sd(opt.state_dict())
 
@@ -280,11 +256,11 @@ def _group_values(groups):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(STATEFUL_CFG))
+@pytest.mark.parametrize("name", NAMES)
 def test_param_group_hyperparameters_are_restored(name, backend):
     _, cls = polyopt.OPTIMIZERS[name]
     groups = _groups(backend)
-    opt = cls(groups, **STATEFUL_CFG[name])
+    opt = cls(groups, **_stateful_cfg(name))
     for k in range(N):
         opt.step(_group_grads(backend, k))
     opt.param_groups[0]["lr"] = 0.05  # changed live, as a scheduler would
@@ -299,7 +275,7 @@ def test_param_group_hyperparameters_are_restored(name, backend):
         else:
             mine["params"] = [_array(backend, to_np(v)) for v in theirs["params"]]
 
-    fresh = cls(fresh_groups, **STATEFUL_CFG[name])  # group 0's lr is the default here
+    fresh = cls(fresh_groups, **_stateful_cfg(name))  # group 0's lr is the default here
     assert fresh.param_groups[0]["lr"] != 0.05
     fresh.load_state_dict(sd)
     for g_fresh, g_saved in zip(fresh.param_groups, opt.param_groups, strict=True):

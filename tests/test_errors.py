@@ -18,24 +18,31 @@ import numpy as np
 import pytest
 
 import polyopt
+from polyopt import testing
 
 torch = pytest.importorskip("torch")
 
 NAMES = tuple(polyopt.OPTIMIZERS)
-WITH_EPS = ("adagrad", "rmsprop", "adadelta", "adam", "adamw")
 FORMS = ("factory", "class")
 NAN = float("nan")
 
-# A configuration of each optimizer that keeps per-array state (so that a wrongly
-# committed step or load would show in the state) and uses most of its options.
-CFG = {
-    "sgd": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
-    "adagrad": dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01),
-    "rmsprop": dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.01),
-    "adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.01),
-    "adam": dict(lr=0.01, amsgrad=True, weight_decay=0.01),
-    "adamw": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
-}
+
+def _having(hp: str) -> tuple[str, ...]:
+    """The optimizers whose rule has hyperparameter ``hp``."""
+    return tuple(n for n in NAMES if hp in polyopt.OPTIMIZERS[n][0]().rule.defaults)
+
+
+WITH_EPS = _having("eps")
+WITH_BETAS = _having("betas")
+WITH_AMSGRAD = _having("amsgrad")
+WITH_DECOUPLED = _having("decoupled_weight_decay")
+
+
+def cfg(name: str) -> dict:
+    """The optimizer's row of the case table that keeps every state slot (so that a
+    wrongly committed step or load would show in the state) and uses most of its
+    options, plain numbers only."""
+    return testing.polyopt_hyperparams(testing.richest(name))
 
 
 def _v(value) -> str:
@@ -54,7 +61,7 @@ def construct(name, form, params, **hp):
 def run_update(name, form, params, grads, **hp):
     """One update in one form with the optimizer's test configuration."""
     factory, cls = polyopt.OPTIMIZERS[name]
-    hp = {**CFG[name], **hp}
+    hp = {**cfg(name), **hp}
     if form == "factory":
         opt = factory(**hp)
         state = opt.init(params)
@@ -107,24 +114,24 @@ BAD_HP = [
     (NAMES, {"impl": None}, ValueError, r"impl.*None"),
     (WITH_EPS, {"eps": -1e-3}, ValueError, r"\beps\b.*" + _v(-1e-3)),
     (WITH_EPS, {"eps": NAN}, ValueError, r"\beps\b.*nan"),
-    (("adam", "adamw"), {"betas": (1.0, 0.999)}, ValueError, r"betas\[0\].*" + _v(1.0)),
-    (("adam", "adamw"), {"betas": (-0.1, 0.999)}, ValueError, r"betas\[0\].*" + _v(-0.1)),
-    (("adam", "adamw"), {"betas": (NAN, 0.999)}, ValueError, r"betas\[0\].*nan"),
-    (("adam", "adamw"), {"betas": (0.9, 1.0)}, ValueError, r"betas\[1\].*" + _v(1.0)),
-    (("adam", "adamw"), {"betas": (0.9, 1.5)}, ValueError, r"betas\[1\].*" + _v(1.5)),
-    (("adam", "adamw"), {"betas": (0.9, -1e-3)}, ValueError, r"betas\[1\].*" + _v(-1e-3)),
-    (("adam", "adamw"), {"betas": (0.9,)}, ValueError, r"betas.*" + _v((0.9,))),
+    (WITH_BETAS, {"betas": (1.0, 0.999)}, ValueError, r"betas\[0\].*" + _v(1.0)),
+    (WITH_BETAS, {"betas": (-0.1, 0.999)}, ValueError, r"betas\[0\].*" + _v(-0.1)),
+    (WITH_BETAS, {"betas": (NAN, 0.999)}, ValueError, r"betas\[0\].*nan"),
+    (WITH_BETAS, {"betas": (0.9, 1.0)}, ValueError, r"betas\[1\].*" + _v(1.0)),
+    (WITH_BETAS, {"betas": (0.9, 1.5)}, ValueError, r"betas\[1\].*" + _v(1.5)),
+    (WITH_BETAS, {"betas": (0.9, -1e-3)}, ValueError, r"betas\[1\].*" + _v(-1e-3)),
+    (WITH_BETAS, {"betas": (0.9,)}, ValueError, r"betas.*" + _v((0.9,))),
     (
-        ("adam", "adamw"),
+        WITH_BETAS,
         {"betas": (0.9, 0.99, 0.999)},
         ValueError,
         r"betas.*" + _v((0.9, 0.99, 0.999)),
     ),
-    (("adam", "adamw"), {"betas": 0.9}, ValueError, r"betas.*" + _v(0.9)),
-    (("adam", "adamw"), {"amsgrad": 1}, TypeError, r"amsgrad.*\b1\b"),
-    (("adam", "adamw"), {"amsgrad": None}, TypeError, r"amsgrad.*None"),
+    (WITH_BETAS, {"betas": 0.9}, ValueError, r"betas.*" + _v(0.9)),
+    (WITH_AMSGRAD, {"amsgrad": 1}, TypeError, r"amsgrad.*\b1\b"),
+    (WITH_AMSGRAD, {"amsgrad": None}, TypeError, r"amsgrad.*None"),
     (
-        ("adam", "adamw", "sgd"),
+        WITH_DECOUPLED,
         {"decoupled_weight_decay": 0},
         TypeError,
         r"decoupled_weight_decay.*\b0\b",
@@ -222,7 +229,7 @@ def test_bad_hyperparameter_in_param_group(name, form, override, exc, rx):
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_param_group_given_to_update(name):
     factory, _ = polyopt.OPTIMIZERS[name]
-    opt = factory(**CFG[name])
+    opt = factory(**cfg(name))
     a, b = _ones(3), _ones(2)
     state = opt.init([{"params": [a]}, {"params": [b]}])
     with pytest.raises(ValueError, match=r"\blr\b.*" + _v(-2.0) + r".*param group 1"):
@@ -379,7 +386,7 @@ def test_none_grads_functional(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_no_grads_for_numpy_params(name):
     _, cls = polyopt.OPTIMIZERS[name]
-    opt = cls(_list_params(), **CFG[name])
+    opt = cls(_list_params(), **cfg(name))
     with pytest.raises(ValueError, match=r"grads.*\.grad"):
         opt.step()
     with pytest.raises(ValueError, match=r"grads.*\.grad"):
@@ -395,7 +402,7 @@ def test_torch_param_without_grad_is_skipped(name):
     w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     b = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
     w.grad = torch.ones(3, dtype=torch.float64)  # b has no .grad
-    opt = cls([w, b], **CFG[name])
+    opt = cls([w, b], **cfg(name))
     opt.step()
     assert not torch.equal(w.detach(), torch.ones(3, dtype=torch.float64))
     assert torch.equal(b.detach(), torch.ones(2, dtype=torch.float64))
@@ -407,7 +414,7 @@ def test_torch_param_without_grad_is_skipped(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_state_for_fewer_params(name):
     factory, _ = polyopt.OPTIMIZERS[name]
-    opt = factory(**CFG[name])
+    opt = factory(**cfg(name))
     state = opt.init([_ones(3), _ones(2)])
     with pytest.raises(ValueError, match=r"state slot '\w+' holds 2 arrays but params has 1"):
         opt.update([_ones(3)], [_ones(3)], state)
@@ -416,7 +423,7 @@ def test_state_for_fewer_params(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_state_for_other_shapes(name):
     factory, _ = polyopt.OPTIMIZERS[name]
-    opt = factory(**CFG[name])
+    opt = factory(**cfg(name))
     state = opt.init([_ones(3)])
     # (3,) broadcasts against (2, 3): without a check the state would silently broadcast
     params = [np.ones((2, 3))]
@@ -427,7 +434,7 @@ def test_state_for_other_shapes(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_state_for_other_dtype(name):
     factory, _ = polyopt.OPTIMIZERS[name]
-    opt = factory(**CFG[name])
+    opt = factory(**cfg(name))
     state = opt.init([_ones(3, np.float32)])
     with pytest.raises(ValueError, match=r"state.*float32"):
         opt.update([_ones(3)], [_ones(3)], state)
@@ -445,15 +452,15 @@ def test_state_for_other_dtype(name):
 )
 def test_state_made_with_other_options(name, init_hp, rx):
     factory, _ = polyopt.OPTIMIZERS[name]
-    state = factory(**{**CFG[name], **init_hp}).init([_ones(3)])
+    state = factory(**{**cfg(name), **init_hp}).init([_ones(3)])
     with pytest.raises(ValueError, match=rx):
-        factory(**CFG[name]).update([_ones(3)], [_ones(3)], state)
+        factory(**cfg(name)).update([_ones(3)], [_ones(3)], state)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_not_an_optstate(name):
     factory, _ = polyopt.OPTIMIZERS[name]
-    opt = factory(**CFG[name])
+    opt = factory(**cfg(name))
     with pytest.raises(TypeError, match=r"state.*dict"):
         opt.update([_ones(3)], [_ones(3)], {"step": 0, "slots": ()})
 
@@ -490,7 +497,7 @@ def test_state_made_with_other_options_in_one_group(init_amsgrad, update_amsgrad
 def test_state_in_the_per_array_layout(name):
     """A state whose slots are one dict per array (not {name: tuple}) is refused."""
     factory, _ = polyopt.OPTIMIZERS[name]
-    opt = factory(**CFG[name])
+    opt = factory(**cfg(name))
     state = opt.init([_ones(3)])
     per_array = polyopt.OptState(state.step, tuple(state.per_array(1)))
     with pytest.raises(TypeError, match=r"state\.slots.*dict.*tuple"):
@@ -575,7 +582,7 @@ def _assert_same_params(params_a, params_b):
 def test_failed_step_changes_nothing(name, backend, kind):
     _, cls = polyopt.OPTIMIZERS[name]
     params, ref_params = _params(backend), _params(backend)
-    opt, ref = cls(params, **CFG[name]), cls(ref_params, **CFG[name])
+    opt, ref = cls(params, **cfg(name)), cls(ref_params, **cfg(name))
     for k in range(3):
         opt.step(_grads(backend, k))
         ref.step(_grads(backend, k))
@@ -610,7 +617,7 @@ def _group_grads(backend, k):
 def test_failed_step_bad_live_group_hyperparameter(name, backend):
     _, cls = polyopt.OPTIMIZERS[name]
     groups, ref_groups = _group_params(backend), _group_params(backend)
-    opt, ref = cls(groups, **CFG[name]), cls(ref_groups, **CFG[name])
+    opt, ref = cls(groups, **cfg(name)), cls(ref_groups, **cfg(name))
     for k in range(2):
         opt.step(_group_grads(backend, k))
         ref.step(_group_grads(backend, k))
@@ -642,7 +649,7 @@ def test_failed_step_schedule_goes_negative_in_last_group(name, backend):
     groups = _group_params(backend)
     groups[1]["lr"] = bad_after_two
     ref_groups = _group_params(backend)  # same as groups up to step 2, lr constant 0.05
-    opt, ref = cls(groups, **CFG[name]), cls(ref_groups, **CFG[name])
+    opt, ref = cls(groups, **cfg(name)), cls(ref_groups, **cfg(name))
     for k in range(2):
         opt.step(_group_grads(backend, k))
         ref.step(_group_grads(backend, k))
@@ -662,7 +669,7 @@ def test_failed_step_schedule_goes_negative_in_last_group(name, backend):
 @pytest.mark.parametrize("name", NAMES)
 def test_failed_update_does_not_touch_inputs(name):
     factory, _ = polyopt.OPTIMIZERS[name]
-    opt = factory(**CFG[name])
+    opt = factory(**cfg(name))
     params = _params("numpy")
     state = opt.init(params)
     params, state = opt.update(params, _grads("numpy", 0), state)
@@ -807,13 +814,13 @@ BAD_LOADS = {
 def test_failed_load_state_dict_changes_nothing(name, backend, bad):
     _, cls = polyopt.OPTIMIZERS[name]
     groups, ref_groups = _group_params(backend), _group_params(backend)
-    opt, ref = cls(groups, **CFG[name]), cls(ref_groups, **CFG[name])
+    opt, ref = cls(groups, **cfg(name)), cls(ref_groups, **cfg(name))
     for k in range(2):
         opt.step(_group_grads(backend, k))
         ref.step(_group_grads(backend, k))
 
     # a donor whose state, step and group-0 lr all differ: a partial load would show
-    donor = cls(_group_params(backend, seed=7), **CFG[name])
+    donor = cls(_group_params(backend, seed=7), **cfg(name))
     for k in range(5):
         donor.step(_group_grads(backend, 10 + k))
     donor.param_groups[0]["lr"] = 0.2
@@ -845,9 +852,9 @@ def test_good_load_does_change_things(name, backend):
     above comes from its corruption)."""
     _, cls = polyopt.OPTIMIZERS[name]
     groups = _group_params(backend)
-    opt = cls(groups, **CFG[name])
+    opt = cls(groups, **cfg(name))
     opt.step(_group_grads(backend, 0))
-    donor = cls(_group_params(backend, seed=7), **CFG[name])
+    donor = cls(_group_params(backend, seed=7), **cfg(name))
     for k in range(5):
         donor.step(_group_grads(backend, 10 + k))
     donor.param_groups[0]["lr"] = 0.2
@@ -1022,8 +1029,8 @@ def test_numpy_bfloat16_params_compute_in_float32_like_torch_bfloat16(name, impl
     gs = [rng.standard_normal(6).astype(np.float32) for _ in range(5)]
     mine = p0.astype(bf16)
     ref = torch.tensor(p0).to(torch.bfloat16)
-    opt = polyopt.OPTIMIZERS[name][1]([mine], **CFG[name], impl=impl)
-    theirs = polyopt.OPTIMIZERS[name][1]([ref], **CFG[name], impl="generic")
+    opt = polyopt.OPTIMIZERS[name][1]([mine], **cfg(name), impl=impl)
+    theirs = polyopt.OPTIMIZERS[name][1]([ref], **cfg(name), impl="generic")
     for g in gs:
         opt.step([g.astype(bf16)])
         theirs.step([torch.tensor(g).to(torch.bfloat16)])

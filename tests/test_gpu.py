@@ -213,22 +213,14 @@ def test_torch_cuda_schedule_and_groups_match_torch_optim():
 
 # -- CuPy ------------------------------------------------------------------------------
 
-CUPY_OPTIONS = {
-    "sgd": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
-    "adagrad": dict(lr=0.1, lr_decay=0.01, weight_decay=0.01),
-    "rmsprop": dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.01),
-    "adadelta": dict(lr=1.0, rho=0.8, weight_decay=0.01),
-    "adam": dict(lr=schedules.cosine(0.02, 15), amsgrad=True, weight_decay=0.01),
-    "adamw": dict(lr=schedules.cosine(0.02, 15), weight_decay=0.1),
-}
 
-
-def test_cupy_options_cover_every_optimizer():
-    assert set(CUPY_OPTIONS) == set(polyopt.OPTIMIZERS)
+def cupy_options(name):
+    """The optimizer's row of the case table with every state slot and schedules."""
+    return testing.polyopt_hyperparams(testing.richest(name, testing.SCHEDULED))
 
 
 def numpy_trajectory(name, dtype, p0, gs):
-    opt = polyopt.OPTIMIZERS[name][0](**CUPY_OPTIONS[name], impl="generic")
+    opt = polyopt.OPTIMIZERS[name][0](**cupy_options(name), impl="generic")
     params = [p.astype(dtype) for p in p0]
     state = opt.init(params)
     out = []
@@ -257,7 +249,7 @@ def test_cupy_generic_path_matches_numpy(name, dtype):
         np.testing.assert_allclose(a, d, rtol=tol, atol=tol * scale, err_msg=what)
 
     # functional form
-    opt = factory(**CUPY_OPTIONS[name], impl="generic")
+    opt = factory(**cupy_options(name), impl="generic")
     params = [cp.asarray(p.astype(dtype)) for p in p0]
     state = opt.init(params)
     for k, g in enumerate(gs):
@@ -274,7 +266,7 @@ def test_cupy_generic_path_matches_numpy(name, dtype):
     # stateful form: in place, the user's arrays
     params = [cp.asarray(p.astype(dtype)) for p in p0]
     originals = list(params)
-    sopt = cls(params, **CUPY_OPTIONS[name], impl="generic")
+    sopt = cls(params, **cupy_options(name), impl="generic")
     for k, g in enumerate(gs):
         sopt.step([cp.asarray(x.astype(dtype)) for x in g])
         for i, (a, d) in enumerate(zip(originals, ref[k][0])):

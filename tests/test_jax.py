@@ -30,41 +30,20 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
 import polyopt  # noqa: E402
-from polyopt import schedules, testing  # noqa: E402
+from polyopt import testing  # noqa: E402
 
 STEPS = 20
 RTOL = ATOL = 1e-5
 
 
-def _cos():
-    return schedules.cosine(0.05, 15, eta_min=0.005)
-
-
-#: One configuration per optimizer, every one with a schedule (lr, and weight decay for
-#: AdamW) so the step count in the state drives the math, and options that add slots.
-OPTIONS = {
-    "sgd": dict(lr=_cos(), momentum=0.9, nesterov=True, weight_decay=0.01),
-    "adagrad": dict(lr=schedules.exponential(0.1, 0.95), lr_decay=0.01, weight_decay=0.01),
-    "rmsprop": dict(
-        lr=schedules.cosine_warm_restarts(0.01, T_0=7, T_mult=2),
-        momentum=0.5,
-        centered=True,
-        weight_decay=0.01,
-    ),
-    "adadelta": dict(lr=schedules.linear(1.0, 0.2, 20), rho=0.8, weight_decay=0.01),
-    "adam": dict(
-        lr=schedules.join([schedules.linear_warmup(0.02, 5), _cos()], [5]),
-        amsgrad=True,
-        weight_decay=0.01,
-    ),
-    "adamw": dict(lr=_cos(), weight_decay=schedules.step_decay(0.1, 7, 0.5)),
-}
 NAMES = list(polyopt.OPTIMIZERS)
 SHAPES = {"w": (4, 3), "b": (5,), "s": ()}
 
 
-def test_options_cover_every_optimizer():
-    assert set(OPTIONS) == set(polyopt.OPTIMIZERS)
+def options(name):
+    """The optimizer's row of the case table with every state slot and schedules (lr, and
+    weight decay for AdamW), so the step count in the state drives the math."""
+    return testing.polyopt_hyperparams(testing.richest(name, testing.SCHEDULED))
 
 
 def problem(seed=1, shapes=SHAPES, steps=STEPS, batch=None):
@@ -84,7 +63,7 @@ def problem(seed=1, shapes=SHAPES, steps=STEPS, batch=None):
 
 def numpy_run(name, p0, gs):
     """Eager NumPy float32 trajectory: [(params, slots)] after each step."""
-    opt = polyopt.OPTIMIZERS[name][0](**OPTIONS[name])
+    opt = polyopt.OPTIMIZERS[name][0](**options(name))
     params = {k: v.copy() for k, v in p0.items()}
     state = opt.init(params)
     out = []
@@ -131,7 +110,7 @@ def assert_same_step(params, slots, ref, what):
 def test_jit_traces_once_and_matches_numpy(name):
     p0, gs = problem()
     ref = numpy_run(name, p0, gs)
-    opt = polyopt.OPTIMIZERS[name][0](**OPTIONS[name])
+    opt = polyopt.OPTIMIZERS[name][0](**options(name))
     traces = []
 
     def update(params, grads, state):
@@ -159,7 +138,9 @@ def test_jit_schedule_really_follows_the_step_count():
     comparison above would catch a schedule stuck at step 0."""
     p0, gs = problem()
     ref = numpy_run("adamw", p0, gs)
-    opt = polyopt.adamw(lr=0.05, weight_decay=0.1)  # the schedules' values at k = 0
+    # the schedules' values at k = 0, held constant
+    hp = {k: (v(0) if callable(v) else v) for k, v in options("adamw").items()}
+    opt = polyopt.adamw(**hp)
     params, state = to_jax(p0), opt.init(to_jax(p0))
     jitted = jax.jit(opt.update)
     for g in gs:
@@ -175,7 +156,7 @@ def test_jit_schedule_really_follows_the_step_count():
 def test_donated_buffers_are_reused(name):
     p0, gs = problem(steps=5)
     ref = numpy_run(name, p0, gs)
-    opt = polyopt.OPTIMIZERS[name][0](**OPTIONS[name])
+    opt = polyopt.OPTIMIZERS[name][0](**options(name))
     jitted = jax.jit(opt.update, donate_argnums=(0, 2))
     params = to_jax(p0)
     state = opt.init(params)
@@ -220,7 +201,7 @@ def test_vmap_over_independent_problems(name):
         )
         for b in range(BATCH)
     ]
-    opt = polyopt.OPTIMIZERS[name][0](**OPTIONS[name])
+    opt = polyopt.OPTIMIZERS[name][0](**options(name))
     params = to_jax(p0)
     state = jax.vmap(opt.init)(params)
     assert state.step.shape == (BATCH,)
@@ -250,7 +231,7 @@ def test_vmap_with_shared_step_count(impl):
         )
         for b in range(BATCH)
     ]
-    opt = polyopt.adam(**OPTIONS["adam"], impl=impl)
+    opt = polyopt.adam(**options("adam"), impl=impl)
     params = to_jax(p0)
     if impl == "generic":
         state = opt.init(params)  # slots get the batch axis from params; step is 0-d
@@ -281,7 +262,7 @@ def test_stateful_holds_new_arrays_and_leaves_old_ones(name):
     ref = numpy_run(name, p0, gs)
     cls = polyopt.OPTIMIZERS[name][1]
     params = to_jax(p0)
-    opt = cls(params, **OPTIONS[name])
+    opt = cls(params, **options(name))
     history = [opt.params]
     for k, g in enumerate(gs):
         before = opt.params
@@ -409,21 +390,15 @@ SHARDING_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     import polyopt
-    from polyopt import schedules
+    from polyopt import testing
 
     rng = np.random.default_rng(6)
     SHAPES = {"w": (8, 6), "v": (12,), "u": (8,), "r": (3,)}
     host = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
     grads = [{k: (0.5 * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
              for _ in range(5)]
-    OPTS = {
-        "sgd": dict(lr=schedules.cosine(0.05, 10), momentum=0.9, nesterov=True),
-        "adagrad": dict(lr=0.1, lr_decay=0.01),
-        "rmsprop": dict(lr=0.01, momentum=0.5, centered=True),
-        "adadelta": dict(lr=1.0, weight_decay=0.01),
-        "adam": dict(lr=schedules.cosine(0.05, 10), amsgrad=True),
-        "adamw": dict(lr=schedules.cosine(0.05, 10), weight_decay=0.1),
-    }
+    OPTS = {n: testing.polyopt_hyperparams(testing.richest(n, testing.SCHEDULED))
+            for n in polyopt.OPTIMIZERS}
     MESHES = {
         # jax.make_mesh's default (Explicit axes) needs the mesh set as context for jit
         "explicit": jax.make_mesh((4,), ("x",), axis_types=(AxisType.Explicit,)),

@@ -21,18 +21,18 @@ jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
 import polyopt  # noqa: E402
-from polyopt import flat, schedules  # noqa: E402
+from polyopt import flat, testing  # noqa: E402
 from polyopt.testing import max_error  # noqa: E402
 
 STEPS = 12
 TOL = {"float32": 1e-6, "bfloat16": 1e-2}
-CONFIGS = {
-    "adam": ("adam", {"lr": 1e-2}),
-    "adam_l2": ("adam", {"lr": 1e-2, "weight_decay": 0.1}),
-    "adamw": ("adamw", {"lr": 1e-2, "weight_decay": 0.1}),
-    "amsgrad_maximize": ("adamw", {"lr": 1e-2, "amsgrad": True, "maximize": True}),
-    "schedule": ("adamw", {"lr": schedules.cosine(1e-2, STEPS), "weight_decay": 0.1}),
-}
+#: Every optimizer (the path packs the state of any rule) in each dtype: its row of the
+#: case table with every state slot, with schedules in float32 and numbers in bfloat16.
+CONFIGS = [
+    pytest.param(c, dtype, id=f"{c.id}-{dtype}")
+    for tag, dtype in ((testing.SCHEDULED, "float32"), (testing.FULL, "bfloat16"))
+    for c in testing.tagged(tag)
+]
 SHAPES = [(3, 5), (), (0,), (1,), (7,)] + [(4,)] * 15
 
 
@@ -43,10 +43,6 @@ def _problem(dtype="float32", shapes=SHAPES, seed=0):
         [jnp.asarray(rng.standard_normal(s), dtype=dtype) for s in shapes] for _ in range(STEPS)
     ]
     return params, grads
-
-
-def _factory(name):
-    return getattr(polyopt, CONFIGS[name][0]), CONFIGS[name][1]
 
 
 def _assert_same(got, want, tol, what):
@@ -75,10 +71,10 @@ def _run(opt, params, grads, jit=True):
     return out, state
 
 
-@pytest.mark.parametrize("dtype", TOL)
-@pytest.mark.parametrize("name", CONFIGS)
-def test_fused_equals_generic_under_jit(name, dtype):
-    factory, hp = _factory(name)
+@pytest.mark.parametrize(("case", "dtype"), CONFIGS)
+def test_fused_equals_generic_under_jit(case, dtype):
+    factory, name = polyopt.OPTIMIZERS[case.name][0], case.id
+    hp = testing.polyopt_hyperparams(case)
     params, grads = _problem(dtype)
     fused, state = _run(factory(**hp, impl="fused"), params, grads)
     generic, _ = _run(factory(**hp, impl="generic"), params, grads)

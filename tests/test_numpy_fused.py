@@ -47,7 +47,7 @@ CLASSES = {name: cls for name, (_, cls) in polyopt.OPTIMIZERS.items()}
 #: does not depend on the rule; each configuration run is one more compilation)
 THREADED = {
     "sgd-nesterov",
-    "adagrad-l2-init",
+    "adagrad-lr_decay-l2-init",
     "rmsprop-centered-momentum-l2-maximize",
     "adadelta-l2-maximize",
     "adam-amsgrad-l2-maximize",

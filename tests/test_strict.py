@@ -1,6 +1,6 @@
 """The generic path on array-api-strict arrays: the proof that it uses only the standard.
 
-Every optimizer (a couple of option sets each), in both forms, runs 20 steps on
+Every optimizer (its two richest rows of the case table), in both forms, runs 20 steps on
 ``array_api_strict`` float64 arrays and must equal the NumPy float64 run. Then the same
 with the step count held as a 0-d array (the path ``jax.jit`` takes), the EMA, and every
 schedule evaluated on 0-d integer arrays.
@@ -12,35 +12,15 @@ import numpy as np
 import pytest
 
 import polyopt
-from polyopt import schedules
+from polyopt import schedules, testing
 
 xps = pytest.importorskip("array_api_strict")
 
 STEPS = 20
-OPTIONS = {
-    "sgd": [
-        dict(lr=0.05),
-        dict(lr=0.05, momentum=0.9, dampening=0.2, weight_decay=0.01),
-        dict(lr=0.05, momentum=0.9, nesterov=True, decoupled_weight_decay=True, weight_decay=0.1),
-    ],
-    "adagrad": [
-        dict(lr=0.1),
-        dict(
-            lr=0.1, lr_decay=0.05, initial_accumulator_value=0.1, weight_decay=0.01, maximize=True
-        ),
-    ],
-    "rmsprop": [dict(lr=0.01), dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.01)],
-    "adadelta": [dict(), dict(lr=0.5, rho=0.8, weight_decay=0.01)],
-    "adam": [dict(lr=0.01), dict(lr=0.01, amsgrad=True, weight_decay=0.01)],
-    "adamw": [
-        dict(lr=0.01, weight_decay=0.1),
-        dict(lr=schedules.cosine(0.02, 15, eta_min=0.001), amsgrad=True),
-    ],
-}
+# each optimizer's rows of the case table with every state slot: with numbers and with
+# schedules
 CASES = [
-    pytest.param(name, hp, id=f"{name}-{i}")
-    for name, hps in OPTIONS.items()
-    for i, hp in enumerate(hps)
+    pytest.param(c.name, testing.polyopt_hyperparams(c), id=c.id) for c in testing.CASES if c.tags
 ]
 SHAPES = {"w": (3, 4), "b": (4,), "s": ()}
 

@@ -71,7 +71,7 @@ def _pair(name, kwargs, seed=0, complex_=False):
 
 def _configs():
     out = []
-    for name in NAMES:
+    for name in INFO:  # torch's own configurations, of the optimizers torch has
         inputs = co._get_optim_inputs_including_global_cliquey_kwargs(
             "cpu", torch.float64, INFO[name]
         )
@@ -104,7 +104,7 @@ def test_optim_db_configuration(name, kwargs):
 
 def _error_inputs():
     out = []
-    for name in NAMES:
+    for name in INFO:
         for i, e in enumerate(
             INFO[name].optim_error_inputs_func(device="cpu", dtype=torch.float64)
         ):

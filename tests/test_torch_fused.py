@@ -67,7 +67,7 @@ def _run(form, name, hp, impl, params, grads):
     """Yield (params, slots) after each step; ``params`` are cloned first."""
     params = [p.clone() for p in params]
     if form == "stateful":
-        cls = {"adam": polyopt.Adam, "adamw": polyopt.AdamW}[name]
+        cls = polyopt.OPTIMIZERS[name][1]
         opt = cls(params, **hp, impl=impl)
         for g in grads:
             opt.step(g)
@@ -225,7 +225,7 @@ def test_auto_uses_the_fused_kernel(name, monkeypatch):
 
     monkeypatch.setattr(torch, kernel, spy)
     params = [torch.randn(5), torch.randn(2, 3), torch.randn(4, dtype=torch.float64)]
-    cls = {"adam": polyopt.Adam, "adamw": polyopt.AdamW}[name]
+    cls = polyopt.OPTIMIZERS[name][1]
     cls(params, weight_decay=0.1).step([torch.ones_like(p) for p in params])
     assert sorted(calls) == [1, 2]  # one call per (device, dtype): float32 ×2, float64 ×1
     calls.clear()

@@ -37,18 +37,16 @@ SLOT_TO_TORCH = {
 }
 
 
-#: polyopt optimizer name -> the torch.optim class of the same name.
-TORCH_CLASSES = {
-    "sgd": "SGD",
-    "adagrad": "Adagrad",
-    "rmsprop": "RMSprop",
-    "adadelta": "Adadelta",
-    "adam": "Adam",
-    "adamw": "AdamW",
-    "nadam": "NAdam",
-    "radam": "RAdam",
-    "adamax": "Adamax",
-}
+def torch_class(name: str):
+    """The torch.optim class named as polyopt's stateful class for optimizer ``name``
+    (``"adamw"`` -> ``torch.optim.AdamW``), or None where torch has none (or no torch)."""
+    import polyopt
+
+    try:
+        import torch
+    except ImportError:
+        return None
+    return getattr(torch.optim, polyopt.OPTIMIZERS[name][1].__name__, None)
 
 
 def functional_run(case: C.Case):
@@ -91,7 +89,7 @@ def stateful_torch_run(case: C.Case):
 def torch_supports(case: C.Case) -> bool:
     """torch.optim.SGD has no decoupled weight decay (SGDW) and torch has no Lion: those
     cases are reference-only (Lion is held to optax in tests/test_optax_jax.py)."""
-    if case.name not in TORCH_CLASSES:
+    if torch_class(case.name) is None:
         return False
     return not (case.name == "sgd" and case.hyperparams.get("decoupled_weight_decay", False))
 
@@ -162,7 +160,7 @@ def torch_optimizer(case: C.Case, tensors: list):
         if not decoupled:
             hp.setdefault("weight_decay", 1e-2)  # polyopt.adamw's default, not Adam's 0
     else:
-        cls = getattr(torch.optim, TORCH_CLASSES[case.name])
+        cls = torch_class(case.name)
     opt = cls(tensors, **hp)
     sched = build(opt) if build is not None else None
     return opt, sched, wd_fn

@@ -12,7 +12,9 @@ From Python::
 
 To hold your own optimizer to the reference, run it on ``testing.make_problem(...)``
 and compare each step with :func:`assert_close` against ``testing.reference(case,
-dtype)`` (or any float64 NumPy result):
+dtype)`` (or any float64 NumPy result). ``testing.richest(name)`` is the one row of an
+optimizer with every state slot (``testing.richest(name, testing.SCHEDULED)``: with
+schedules):
 
 >>> import numpy as np
 >>> from polyopt import testing
@@ -23,7 +25,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._cases import ALL, CASES, MISSING, Case, S, Sched, make_problem, polyopt_hyperparams
+from ._cases import (
+    ALL,
+    CASES,
+    FULL,
+    MISSING,
+    SCHEDULED,
+    Case,
+    S,
+    Sched,
+    make_problem,
+    polyopt_hyperparams,
+    richest,
+    tagged,
+)
 from ._matrix import (
     BACKENDS,
     DTYPES,
@@ -48,6 +63,7 @@ __all__ = [
     "ALL",
     "BACKENDS",
     "CASES",
+    "FULL",
     "MISSING",
     "DTYPES",
     "STEPS",
@@ -57,6 +73,7 @@ __all__ = [
     "Cell",
     "Result",
     "S",
+    "SCHEDULED",
     "Sched",
     "assert_close",
     "cells",
@@ -65,11 +82,13 @@ __all__ = [
     "max_error",
     "polyopt_hyperparams",
     "reference",
+    "richest",
     "round_to",
     "run",
     "run_cell",
     "skip_reason",
     "table",
+    "tagged",
     "to_numpy",
 ]
 

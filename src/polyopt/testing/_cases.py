@@ -6,6 +6,13 @@ Data only: a :class:`Case` is ``(id, name, hyperparams, groups)`` with ``name`` 
 in another library (torch's LR schedulers, a hand-written reference) with
 :func:`resolve_hyperparams`. :func:`make_problem` gives deterministic params and
 gradient sequences. Adding an optimizer or option means adding a row here.
+
+Tests that run one configuration per optimizer (checkpoints, errors, array
+hyperparameters, the JAX, dask, strict and CuPy suites) take it from here too, by tag:
+each optimizer has exactly one row tagged :data:`FULL` (every state slot its rows use,
+most options, numbers only) and one tagged :data:`SCHEDULED` (every state slot, with
+schedules as hyperparameters), found with :func:`richest`. A new optimizer without them
+fails tests/test_case_table.py.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ class Case:
     problem's arrays are split into ``len(groups)`` torch-style parameter groups.
     ``missing``: ``(step, array)`` pairs (0-based) whose gradient is ``None``: that
     array skips that step; ``(step, ALL)`` makes every gradient of the step None.
-    ``dtypes``: the dtypes the case runs in (None: all)."""
+    ``dtypes``: the dtypes the case runs in (None: all). ``tags``: :data:`FULL` or
+    :data:`SCHEDULED` on the row :func:`richest` gives for its optimizer."""
 
     id: str
     name: str
@@ -41,6 +49,7 @@ class Case:
     groups: tuple = ()
     missing: tuple = ()
     dtypes: tuple | None = None
+    tags: tuple = ()
 
     def grads_at(self, step: int, grads: list) -> list:
         """``grads`` (one step's list) with the case's missing gradients set to None."""
@@ -52,6 +61,13 @@ class Case:
 
 #: In ``Case.missing``: every array of the step.
 ALL = -1
+
+#: In ``Case.tags``: the optimizer's one row with every state slot and most options, all
+#: of them plain numbers (they can be wrapped as 0-d arrays, or given to torch.optim).
+FULL = "full"
+#: In ``Case.tags``: the optimizer's one row with every state slot and schedules as
+#: hyperparameters, so the step count drives the math.
+SCHEDULED = "scheduled"
 
 #: Missing gradients are about which arrays move, not rounding: float64, float32 and
 #: complex128 (under jax.jit each pattern of missing grads is a compilation: JAX without
@@ -90,6 +106,7 @@ CASES: list[Case] = [
         "sgd-nesterov-l2-maximize",
         "sgd",
         dict(lr=0.02, momentum=0.8, nesterov=True, weight_decay=0.05, maximize=True),
+        tags=(FULL,),
     ),
     Case("sgdw", "sgd", dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=True)),
     Case(
@@ -108,6 +125,7 @@ CASES: list[Case] = [
             maximize=True,
             decoupled_weight_decay=True,
         ),
+        tags=(SCHEDULED,),
     ),
     Case("sgd-cosine", "sgd", dict(lr=S("cosine", lr=0.1, T_max=50, eta_min=1e-3), momentum=0.9)),
     Case(
@@ -120,7 +138,10 @@ CASES: list[Case] = [
     Case("adagrad-default", "adagrad", dict()),
     Case("adagrad-lr_decay", "adagrad", dict(lr=0.1, lr_decay=0.01)),
     Case(
-        "adagrad-l2-init", "adagrad", dict(lr=0.1, weight_decay=0.1, initial_accumulator_value=0.5)
+        "adagrad-lr_decay-l2-init",
+        "adagrad",
+        dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.5),
+        tags=(FULL,),
     ),
     Case(
         "adagrad-eps-maximize-l2",
@@ -131,6 +152,7 @@ CASES: list[Case] = [
         "adagrad-exponential",
         "adagrad",
         dict(lr=S("exponential", lr=0.1, gamma=0.98), lr_decay=0.005),
+        tags=(SCHEDULED,),
     ),
     # -- RMSprop ---------------------------------------------------------------------
     Case("rmsprop-default", "rmsprop", dict()),
@@ -141,17 +163,28 @@ CASES: list[Case] = [
         "rmsprop-centered-momentum-l2-maximize",
         "rmsprop",
         dict(lr=0.005, centered=True, momentum=0.5, weight_decay=0.1, maximize=True),
+        tags=(FULL,),
     ),
     Case(
-        "rmsprop-warm-restarts",
+        "rmsprop-centered-warm-restarts",
         "rmsprop",
-        dict(lr=S("cosine_warm_restarts", lr=0.01, T_0=10, T_mult=2, eta_min=1e-4), momentum=0.3),
+        dict(
+            lr=S("cosine_warm_restarts", lr=0.01, T_0=10, T_mult=2, eta_min=1e-4),
+            momentum=0.3,
+            centered=True,
+        ),
+        tags=(SCHEDULED,),
     ),
     # -- Adadelta --------------------------------------------------------------------
     Case("adadelta-default", "adadelta", dict()),
-    Case("adadelta-lr-rho-eps", "adadelta", dict(lr=0.5, rho=0.5, eps=1e-4)),
+    Case("adadelta-lr-rho-eps", "adadelta", dict(lr=0.5, rho=0.5, eps=1e-4), tags=(FULL,)),
     Case("adadelta-l2-maximize", "adadelta", dict(weight_decay=0.1, maximize=True)),
-    Case("adadelta-linear", "adadelta", dict(lr=S("linear", start=1.0, end=0.1, steps=80))),
+    Case(
+        "adadelta-linear",
+        "adadelta",
+        dict(lr=S("linear", start=1.0, end=0.1, steps=80)),
+        tags=(SCHEDULED,),
+    ),
     # -- Adam ------------------------------------------------------------------------
     Case("adam-default", "adam", dict()),
     Case("adam-betas-eps", "adam", dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6)),
@@ -161,9 +194,15 @@ CASES: list[Case] = [
         "adam-amsgrad-l2-maximize",
         "adam",
         dict(lr=0.01, amsgrad=True, weight_decay=0.05, maximize=True),
+        tags=(FULL,),
     ),
     Case("adam-decoupled", "adam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
-    Case("adam-warmup-cosine", "adam", dict(lr=_WARMUP_COSINE)),
+    Case(
+        "adam-amsgrad-l2-warmup-cosine",
+        "adam",
+        dict(lr=_WARMUP_COSINE, amsgrad=True, weight_decay=0.01),
+        tags=(SCHEDULED,),
+    ),
     Case(
         "adam-l2-wd-schedule",
         "adam",
@@ -178,6 +217,7 @@ CASES: list[Case] = [
         dict(
             lr=0.01, betas=(0.85, 0.995), eps=1e-6, weight_decay=0.05, amsgrad=True, maximize=True
         ),
+        tags=(FULL,),
     ),
     Case("adamw-coupled", "adamw", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=False)),
     Case("adamw-cosine", "adamw", dict(lr=S("cosine", lr=0.01, T_max=100), weight_decay=0.1)),
@@ -188,12 +228,14 @@ CASES: list[Case] = [
     ),
     Case("adamw-warmup-cosine", "adamw", dict(lr=_WARMUP_COSINE, weight_decay=0.1)),
     Case(
-        "adamw-wd-schedule",
+        "adamw-amsgrad-wd-schedule",
         "adamw",
         dict(
             lr=S("cosine", lr=0.01, T_max=60, eta_min=1e-3),
             weight_decay=S("exponential", lr=0.2, gamma=0.97),
+            amsgrad=True,
         ),
+        tags=(SCHEDULED,),
     ),
 ]
 
@@ -212,35 +254,53 @@ CASES += [
             decoupled_weight_decay=True,
             maximize=True,
         ),
+        tags=(FULL,),
     ),
-    Case("nadam-cosine", "nadam", dict(lr=S("cosine", lr=0.01, T_max=60), momentum_decay=0.1)),
+    Case(
+        "nadam-cosine",
+        "nadam",
+        dict(lr=S("cosine", lr=0.01, T_max=60), momentum_decay=0.1),
+        tags=(SCHEDULED,),
+    ),
     # -- RAdam -----------------------------------------------------------------------
     Case("radam-default", "radam", dict()),
     # β2 = 0.9: ρ∞ = 19, the rectified steps start at step 3
-    Case("radam-betas-l2", "radam", dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1)),
+    Case(
+        "radam-betas-l2", "radam", dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1), tags=(FULL,)
+    ),
     Case(
         "radamw-maximize-eps",
         "radam",
         dict(lr=0.01, eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
     ),
-    Case("radam-warmup-cosine", "radam", dict(lr=_WARMUP_COSINE, betas=(0.9, 0.95))),
+    Case(
+        "radam-warmup-cosine",
+        "radam",
+        dict(lr=_WARMUP_COSINE, betas=(0.9, 0.95)),
+        tags=(SCHEDULED,),
+    ),
     # -- Adamax ----------------------------------------------------------------------
     Case("adamax-default", "adamax", dict()),
     Case(
-        "adamax-betas-eps-l2", "adamax", dict(lr=0.01, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.1)
+        "adamax-betas-eps-l2",
+        "adamax",
+        dict(lr=0.01, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.1),
+        tags=(FULL,),
     ),
     Case(
         "adamax-maximize-steplr",
         "adamax",
         dict(lr=S("step_decay", lr=0.01, step_size=20, gamma=0.5), maximize=True),
+        tags=(SCHEDULED,),
     ),
     # -- Lion ------------------------------------------------------------------------
     Case("lion-default", "lion", dict()),
-    Case("lion-betas-wd", "lion", dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1)),
+    Case("lion-betas-wd", "lion", dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1), tags=(FULL,)),
     Case(
         "lion-maximize-cosine",
         "lion",
         dict(lr=S("cosine", lr=3e-3, T_max=40), weight_decay=0.0, maximize=True),
+        tags=(SCHEDULED,),
     ),
 ]
 
@@ -349,6 +409,23 @@ CASES += [
 ]
 
 CASE_IDS = [c.id for c in CASES]
+
+
+def tagged(tag: str) -> list[Case]:
+    """The rows carrying ``tag`` (:data:`FULL`, :data:`SCHEDULED`), in table order."""
+    return [c for c in CASES if tag in c.tags]
+
+
+def richest(name: str, tag: str = FULL) -> Case:
+    """The one row of optimizer ``name`` tagged ``tag``: the configuration a test that
+    runs one per optimizer uses. A LookupError names the optimizer if it has none."""
+    rows = [c for c in tagged(tag) if c.name == name]
+    if len(rows) != 1:
+        ids = [c.id for c in rows]
+        raise LookupError(
+            f"the case table needs exactly one {name!r} row tagged {tag!r}, has {ids}"
+        )
+    return rows[0]
 
 
 def resolve(value: Any, build: Callable[..., Any]) -> Any:
