@@ -9,6 +9,8 @@ from polyopt.testing._cases import (
 )
 from polyopt.testing._cases import (
     FULL,
+    NAMES,
+    OWN_PROBLEMS,
     SCHEDULED,
     SHAPES,
     Case,
@@ -39,6 +41,8 @@ __all__ = [
     "reference_hyperparams",
     "resolve",
     "resolve_hyperparams",
+    "NAMES",
+    "OWN_PROBLEMS",
     "richest",
     "tagged",
 ]

@@ -98,6 +98,22 @@ DEFAULTS = {
     "adamax": dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False),
     # optax.lion's defaults (torch has no Lion), with the paper's lr
     "lion": dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-3, maximize=False),
+    "adafactor": dict(
+        lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, maximize=False
+    ),
+    # optax.lamb's defaults (optax has no default lr: 1e-3)
+    "lamb": dict(
+        lr=1e-3, betas=(0.9, 0.999), eps=1e-6, eps_root=0.0, weight_decay=0.0, maximize=False
+    ),
+    # optax.contrib.schedule_free_adamw's defaults
+    "schedule_free_adamw": dict(
+        lr=0.0025,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        warmup_steps=0,
+        weight_lr_power=2.0,
+    ),
 }
 
 
@@ -221,7 +237,7 @@ def adamw(theta, grad, state, t, lr, wd, hp):
 #: State torch keeps per array that polyopt computes from each array's step count
 #: instead of storing it (the reference keeps it, as torch's box does; tests compare
 #: the slots both hold, and polyopt.torch's state dicts carry these as torch's do).
-COUNTED = frozenset({"step", "mu_product"})
+COUNTED = frozenset({"step", "mu_product", "weight_sum"})
 
 
 def _decayed(theta, grad, lr, wd, hp):
@@ -304,6 +320,87 @@ def lion(theta, grad, state, t, lr, wd, hp):
     return theta - lr * (np.sign(c) + wd * theta)
 
 
+def _rms(x):
+    return math.sqrt(float(np.mean(x * x)))
+
+
+def adafactor(theta, grad, state, t, lr, wd, hp):
+    """torch.optim.Adafactor's box (Shazeer & Stern 2018 as torch writes it): the
+    second moment factored over the last two axes of a matrix, relative step sizes."""
+    eps1, eps2 = hp["eps"]
+    eps1 = np.finfo(np.float64).eps if eps1 is None else eps1
+    factored = theta.ndim >= 2
+    if t == 1:
+        if factored:
+            state["row_var"] = np.zeros(theta.shape[:-1] + (1,))
+            state["col_var"] = np.zeros(theta.shape[:-2] + (1,) + theta.shape[-1:])
+        else:
+            state["variance"] = np.zeros_like(theta)
+    if theta.size == 0:
+        return theta  # nothing to update (torch divides by zero here)
+    g = -grad if hp["maximize"] else grad
+    beta2_t = 1.0 - t ** hp["beta2_decay"]
+    rho = min(lr, 1.0 / math.sqrt(t))
+    alpha = max(eps2, _rms(theta)) * rho
+    if wd != 0:
+        theta = theta * (1.0 - lr * wd)
+    if factored:
+        r = beta2_t * state["row_var"] + (1 - beta2_t) * np.mean(g**2, axis=-1, keepdims=True)
+        c = beta2_t * state["col_var"] + (1 - beta2_t) * np.mean(g**2, axis=-2, keepdims=True)
+        state["row_var"], state["col_var"] = r, c
+        v = r * c / np.maximum(np.mean(r, axis=-2, keepdims=True), eps1)
+    else:
+        v = beta2_t * state["variance"] + (1 - beta2_t) * g**2
+        state["variance"] = v
+    u = g / np.sqrt(np.maximum(v, eps1**2))
+    return theta - alpha / max(1.0, _rms(u) / hp["d"]) * u
+
+
+def lamb(theta, grad, state, t, lr, wd, hp):
+    """LAMB (You et al. 2020) as optax.lamb composes it: Adam's bias-corrected direction
+    plus λθ, scaled by the trust ratio ‖θ‖ / ‖u‖ (1 where either is 0)."""
+    beta1, beta2 = hp["betas"]
+    if t == 1:
+        state["exp_avg"] = np.zeros_like(theta)
+        state["exp_avg_sq"] = np.zeros_like(theta)
+    g = -grad if hp["maximize"] else grad
+    m = beta1 * state["exp_avg"] + (1.0 - beta1) * g
+    v = beta2 * state["exp_avg_sq"] + (1.0 - beta2) * g**2
+    state["exp_avg"], state["exp_avg_sq"] = m, v
+    m_hat, v_hat = m / (1.0 - beta1**t), v / (1.0 - beta2**t)
+    u = m_hat / (np.sqrt(v_hat + hp["eps_root"]) + hp["eps"]) + wd * theta
+    p_norm, u_norm = np.linalg.norm(theta), np.linalg.norm(u)
+    ratio = 1.0 if p_norm == 0 or u_norm == 0 else p_norm / u_norm
+    return theta - lr * ratio * u
+
+
+def schedule_free_adamw(theta, grad, state, t, lr, wd, hp):
+    """Schedule-free AdamW (Defazio et al. 2024, Algorithm 1, as optax.contrib writes
+    it): the gradient at y = θ, a base step on z, x the weighted average of the z's,
+    y = β1 x + (1 - β1) z; weights lr_t^power with a linear warmup of lr (the weight of
+    step t uses the warmup at t, z's step at t - 1, as optax's two counters do)."""
+    beta1, beta2 = hp["betas"]
+    warmup, power = hp["warmup_steps"], hp["weight_lr_power"]
+    if t == 1:
+        state["z"] = theta.copy()
+        state["exp_avg_sq"] = np.zeros_like(theta)
+        state["weight_sum"] = 0.0
+    # optax counts the averaging weights from 1 and z's learning rate from 0
+    lr_t = lr * min(t - 1, warmup) / warmup if warmup else lr
+    weight = (lr * min(t, warmup) / warmup if warmup else lr) ** power
+    state["weight_sum"] += weight
+    c = weight / state["weight_sum"] if state["weight_sum"] > 0 else 0.0
+    v = beta2 * state["exp_avg_sq"] + (1.0 - beta2) * grad**2
+    state["exp_avg_sq"] = v
+    u = grad / (np.sqrt(v / (1.0 - beta2**t)) + hp["eps"]) + wd * theta
+    z_old = state["z"]
+    z = z_old - lr_t * u
+    state["z"] = z
+    x_old = (theta - (1.0 - beta1) * z_old) / beta1
+    x = (1.0 - c) * x_old + c * z
+    return beta1 * x + (1.0 - beta1) * z
+
+
 STEPS: dict[str, Callable] = {
     "sgd": sgd,
     "adagrad": adagrad,
@@ -315,6 +412,9 @@ STEPS: dict[str, Callable] = {
     "radam": radam,
     "adamax": adamax,
     "lion": lion,
+    "adafactor": adafactor,
+    "lamb": lamb,
+    "schedule_free_adamw": schedule_free_adamw,
 }
 
 

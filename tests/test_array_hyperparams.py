@@ -27,7 +27,7 @@ import polyopt
 import torch_maxdiff as T  # noqa: E402
 from polyopt import testing
 
-NAMES = list(polyopt.OPTIMIZERS)
+NAMES = testing.NAMES  # every optimizer the shared problems run (not Muon)
 TORCH_NAMES = [n for n in NAMES if T.torch_class(n)]
 
 

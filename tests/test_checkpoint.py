@@ -22,7 +22,7 @@ from polyopt import testing
 torch = pytest.importorskip("torch")
 
 BACKENDS = ("numpy", "torch")
-NAMES = list(polyopt.OPTIMIZERS)
+NAMES = testing.NAMES  # every optimizer the shared problems run (not Muon)
 
 # each optimizer's rows of the case table with every state slot: with numbers, and with
 # schedules (step-count dependence)

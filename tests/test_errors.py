@@ -22,7 +22,7 @@ from polyopt import testing
 
 torch = pytest.importorskip("torch")
 
-NAMES = tuple(polyopt.OPTIMIZERS)
+NAMES = testing.NAMES  # every optimizer the shared problems run (not Muon)
 FORMS = ("factory", "class")
 NAN = float("nan")
 

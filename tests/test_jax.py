@@ -36,7 +36,7 @@ STEPS = 20
 RTOL = ATOL = 1e-5
 
 
-NAMES = list(polyopt.OPTIMIZERS)
+NAMES = testing.NAMES  # every optimizer the shared problems run (not Muon)
 SHAPES = {"w": (4, 3), "b": (5,), "s": ()}
 
 

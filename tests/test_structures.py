@@ -19,19 +19,17 @@ import numpy as np
 import pytest
 
 import polyopt
+from polyopt import testing
 
 torch = pytest.importorskip("torch")
 
-NAMES = tuple(polyopt.OPTIMIZERS)
+NAMES = testing.NAMES  # every optimizer the shared problems run (not Muon)
 BACKENDS = ("numpy", "torch")
-CFG = {
-    "sgd": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
-    "adagrad": dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01),
-    "rmsprop": dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.01),
-    "adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.01),
-    "adam": dict(lr=0.01, amsgrad=True, weight_decay=0.01),
-    "adamw": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
-}
+
+
+def _hp(name: str) -> dict:
+    """The optimizer's case-table row with every state slot (numbers only)."""
+    return testing.polyopt_hyperparams(testing.richest(name))
 
 
 def to_np(x) -> np.ndarray:
@@ -191,7 +189,7 @@ def _assert_values(tree, values):
 @pytest.mark.parametrize("name", NAMES)
 def test_functional_form_mutates_nothing(name, backend):
     factory, _ = polyopt.OPTIMIZERS[name]
-    opt = factory(**CFG[name])
+    opt = factory(**_hp(name))
     params = build("dict-with-list", backend, 0)
     state = opt.init(params)
     params, state = opt.update(params, build("dict-with-list", backend, 1), state)  # state != 0
@@ -226,7 +224,7 @@ def test_functional_form_mutates_nothing(name, backend):
 @pytest.mark.parametrize("name", NAMES)
 def test_functional_form_leaves_group_dicts_alone(name):
     factory, _ = polyopt.OPTIMIZERS[name]
-    opt = factory(**CFG[name])
+    opt = factory(**_hp(name))
     w, b = np.ones((2, 2)), np.ones(2)
     groups = [{"params": {"w": w}, "lr": 0.05}, {"params": [b], "weight_decay": 0.0}]
     snapshot = copy.deepcopy(groups)
@@ -249,10 +247,10 @@ def test_stateful_numpy_updates_in_place(name, struct):
     ids = {path: id(x) for path, x in leaves(params).items()}
     originals = leaves(params)
     ref = build(struct, "numpy", 0)
-    fopt = factory(**CFG[name])
+    fopt = factory(**_hp(name))
     fstate = fopt.init(ref)
 
-    opt = cls(params, **CFG[name])
+    opt = cls(params, **_hp(name))
     for k in (1, 2, 3):
         grads = build(struct, "numpy", k)
         opt.step(grads)
@@ -277,8 +275,8 @@ def test_stateful_torch_updates_in_place(name, requires_grad):
         w, b = torch.nn.Parameter(torch.tensor(w0)), torch.nn.Parameter(torch.tensor(b0))
     else:
         w, b = torch.tensor(w0), torch.tensor(b0)
-    opt = cls({"w": w, "b": b}, **CFG[name])
-    fopt = factory(**CFG[name])
+    opt = cls({"w": w, "b": b}, **_hp(name))
+    fopt = factory(**_hp(name))
     ref = {"w": torch.tensor(w0), "b": torch.tensor(b0)}
     fstate = fopt.init(ref)
     for _ in range(3):
@@ -475,9 +473,9 @@ def test_groups_equal_separate_optimizers_stateful(name, backend, grads_form):
     _, cls = polyopt.OPTIMIZERS[name]
     tree_a, tree_b = _split_setup(backend)
     sep_a, sep_b = _split_setup(backend)
-    opt = cls([{"params": tree_a, **GROUP_HP[0]}, {"params": tree_b, **GROUP_HP[1]}], **CFG[name])
-    opt_a = cls(sep_a, **{**CFG[name], **GROUP_HP[0]})
-    opt_b = cls(sep_b, **{**CFG[name], **GROUP_HP[1]})
+    opt = cls([{"params": tree_a, **GROUP_HP[0]}, {"params": tree_b, **GROUP_HP[1]}], **_hp(name))
+    opt_a = cls(sep_a, **{**_hp(name), **GROUP_HP[0]})
+    opt_b = cls(sep_b, **{**_hp(name), **GROUP_HP[1]})
     for k in range(1, 4):
         ga, gb = _split_setup(backend, seed=k)
         grads = [ga, gb] if grads_form == "trees" else [{"params": ga}, {"params": gb, "lr": 9.0}]
@@ -496,8 +494,8 @@ def test_groups_equal_separate_optimizers_functional(name, grads_form):
     factory, _ = polyopt.OPTIMIZERS[name]
     tree_a, tree_b = _split_setup("numpy")
     groups = [{"params": tree_a, **GROUP_HP[0]}, {"params": tree_b, **GROUP_HP[1]}]
-    opt = factory(**CFG[name])
-    fa, fb = factory(**{**CFG[name], **GROUP_HP[0]}), factory(**{**CFG[name], **GROUP_HP[1]})
+    opt = factory(**_hp(name))
+    fa, fb = factory(**{**_hp(name), **GROUP_HP[0]}), factory(**{**_hp(name), **GROUP_HP[1]})
     state, sa, sb = opt.init(groups), fa.init(tree_a), fb.init(tree_b)
     pa, pb = tree_a, tree_b
     for k in range(1, 4):

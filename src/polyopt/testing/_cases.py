@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import schedules
+from .. import OPTIMIZERS, schedules
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,18 @@ class Case:
         return [None if i in gone else g for i, g in enumerate(grads)]
 
 
+#: Optimizers whose rule takes only some shapes, so that the shared problems (a 0-d
+#: array, an empty one, a vector and a matrix: :data:`SHAPES`) cannot run them: Muon
+#: orthogonalizes matrices and refuses anything else. Each is held to its reference by
+#: a test module of its own (``tests/test_muon.py``); the table has no rows for them.
+OWN_PROBLEMS = {"muon": "2-D params only"}
+
+
+#: The optimizers of ``polyopt.OPTIMIZERS`` that the case table's rows cover: all but
+#: :data:`OWN_PROBLEMS`, in ``OPTIMIZERS`` order.
+NAMES = tuple(n for n in OPTIMIZERS if n not in OWN_PROBLEMS)
+
+
 #: In ``Case.missing``: every array of the step.
 ALL = -1
 
@@ -73,6 +85,10 @@ SCHEDULED = "scheduled"
 #: complex128 (under jax.jit each pattern of missing grads is a compilation: JAX without
 #: x64 runs them in float32).
 _MISSING_DTYPES = ("float64", "float32", "complex128")
+
+#: Adafactor refuses complex params (a factored moment of a pair of reals means nothing;
+#: torch refuses them too).
+_REAL_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 #: A pattern of missing gradients over the matrix's steps (arrays: 0-d, empty, (7,),
 #: (3, 4)): array 2 starts late and skips again, array 0 skips now and then, step 3 has
@@ -293,6 +309,66 @@ CASES += [
         dict(lr=S("step_decay", lr=0.01, step_size=20, gamma=0.5), maximize=True),
         tags=(SCHEDULED,),
     ),
+    # -- Adafactor -------------------------------------------------------------------
+    Case("adafactor-default", "adafactor", dict(), dtypes=_REAL_DTYPES),
+    Case(
+        "adafactor-lr-decay-d-eps",
+        "adafactor",
+        dict(lr=0.05, beta2_decay=-0.5, d=2.0, eps=(1e-8, 1e-2)),
+        dtypes=_REAL_DTYPES,
+    ),
+    Case(
+        "adafactor-wd-maximize",
+        "adafactor",
+        dict(lr=0.02, weight_decay=0.1, maximize=True),
+        tags=(FULL,),
+        dtypes=_REAL_DTYPES,
+    ),
+    Case(
+        "adafactor-cosine-wd-schedule",
+        "adafactor",
+        dict(
+            lr=S("cosine", lr=0.05, T_max=40),
+            weight_decay=S("exponential", lr=0.1, gamma=0.97),
+        ),
+        tags=(SCHEDULED,),
+        dtypes=_REAL_DTYPES,
+    ),
+    # -- LAMB ------------------------------------------------------------------------
+    Case("lamb-default", "lamb", dict()),
+    Case(
+        "lamb-betas-eps-wd",
+        "lamb",
+        dict(lr=0.01, betas=(0.8, 0.99), eps=1e-4, eps_root=1e-8, weight_decay=0.1),
+        tags=(FULL,),
+    ),
+    Case(
+        "lamb-maximize-cosine-wd",
+        "lamb",
+        dict(lr=S("cosine", lr=0.01, T_max=30), weight_decay=0.05, maximize=True),
+        tags=(SCHEDULED,),
+    ),
+    # -- schedule-free AdamW (its lr is not a schedule: the warmup is built in) ---------
+    Case("schedule_free_adamw-default", "schedule_free_adamw", dict()),
+    Case(
+        "schedule_free_adamw-warmup-power-wd",
+        "schedule_free_adamw",
+        dict(
+            lr=0.01,
+            betas=(0.8, 0.99),
+            eps=1e-6,
+            weight_decay=0.05,
+            warmup_steps=5,
+            weight_lr_power=1.5,
+        ),
+        tags=(FULL,),
+    ),
+    Case(
+        "schedule_free_adamw-wd-schedule",
+        "schedule_free_adamw",
+        dict(lr=0.01, weight_decay=S("cosine", lr=0.1, T_max=30), warmup_steps=3),
+        tags=(SCHEDULED,),
+    ),
     # -- Lion ------------------------------------------------------------------------
     Case("lion-default", "lion", dict()),
     Case("lion-betas-wd", "lion", dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1), tags=(FULL,)),
@@ -395,6 +471,27 @@ CASES += [
         "lion-missing",
         "lion",
         dict(lr=1e-3, weight_decay=0.1),
+        missing=MISSING,
+        dtypes=_MISSING_DTYPES,
+    ),
+    Case(
+        "adafactor-missing",
+        "adafactor",
+        dict(lr=0.02, weight_decay=0.05),
+        missing=MISSING,
+        dtypes=("float64", "float32"),
+    ),
+    Case(
+        "lamb-missing",
+        "lamb",
+        dict(lr=0.01, weight_decay=0.05),
+        missing=MISSING,
+        dtypes=_MISSING_DTYPES,
+    ),
+    Case(
+        "schedule_free_adamw-missing",
+        "schedule_free_adamw",
+        dict(lr=0.01, warmup_steps=3),
         missing=MISSING,
         dtypes=_MISSING_DTYPES,
     ),

@@ -327,9 +327,9 @@ def skip_reason(cell: Cell) -> str | None:
     if reason:
         return reason
     if cell.impl == "fused":
-        rule = OPTIMIZERS[cell.case.name][0]().rule.name
+        rule = OPTIMIZERS[cell.case.name][0]().rule
         if not backends.available(rule, b.name):
-            return f"no fused {rule} path for {b.name}"
+            return f"no fused {rule.name} path for {b.name}"
     return None
 
 
