@@ -8,6 +8,7 @@ from polyopt.testing._cases import (
     CASES as ALL_CASES,
 )
 from polyopt.testing._cases import (
+    ELEMENTWISE,
     FULL,
     NAMES,
     OWN_PROBLEMS,
@@ -28,6 +29,7 @@ from polyopt.testing._cases import (
 __all__ = [
     "ALL_CASES",
     "CASES",
+    "ELEMENTWISE",
     "CASE_IDS",
     "FULL",
     "SCHEDULED",

@@ -89,6 +89,19 @@ CONFIGS = {
         lambda: pox.adamw(lr=optax.cosine_decay_schedule(1e-2, STEPS)),
         lambda: optax.adamw(optax.cosine_decay_schedule(1e-2, STEPS), weight_decay=1e-2),
     ),
+    # the optimizers whose reference is optax itself
+    "lion": (
+        lambda: pox.lion(lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2),
+        lambda: optax.lion(1e-3, b1=0.9, b2=0.99, weight_decay=1e-2),
+    ),
+    "lamb": (
+        lambda: pox.lamb(lr=1e-2, weight_decay=1e-2),
+        lambda: optax.lamb(1e-2, weight_decay=1e-2),
+    ),
+    "schedule_free_adamw": (
+        lambda: pox.schedule_free_adamw(lr=1e-2, warmup_steps=5, weight_decay=1e-3),
+        lambda: optax.contrib.schedule_free_adamw(1e-2, warmup_steps=5, weight_decay=1e-3),
+    ),
 }
 
 _JITTED: dict = {}

@@ -75,7 +75,18 @@ DEFAULT_LR = {
     "adadelta": 1.0,
     "adam": 1e-3,
     "adamw": 1e-3,
+    "nadam": 2e-3,
+    "radam": 1e-3,
+    "adamax": 2e-3,
+    "lion": 3e-4,
+    "adafactor": 1e-2,
+    "lamb": 1e-2,
+    "schedule_free_adamw": 2.5e-3,
+    "muon": 0.02,
 }
+#: Muon takes matrices only: the biases train with AdamW at this learning rate (as
+#: torch's documentation pairs them).
+MUON_PARTNER_LR = 1e-3
 
 HIDDEN = (256, 256)
 EPOCHS = 30
@@ -285,10 +296,41 @@ def _accuracy(params, X, y_idx, xp, activation) -> float:
     return float(xp.mean(xp.astype(pred == y_idx, xp.float32)))
 
 
+class _Paired:
+    """Muon on the weight matrices and AdamW on the rest, as one functional optimizer
+    over the demo's params dict (Muon refuses anything but a matrix)."""
+
+    def __init__(self, hp: dict):
+        rest = {"lr": MUON_PARTNER_LR, "weight_decay": hp.get("weight_decay", 1e-2)}
+        self.muon, self.adamw = polyopt.muon(**hp), polyopt.adamw(**rest)
+        self.hyperparams = self.muon.hyperparams
+
+    @staticmethod
+    def _split(tree: dict) -> tuple[dict, dict]:
+        return (
+            {k: v for k, v in tree.items() if v.ndim == 2},
+            {k: v for k, v in tree.items() if v.ndim != 2},
+        )
+
+    def init(self, params: dict):
+        w, b = self._split(params)
+        return (self.muon.init(w), self.adamw.init(b))
+
+    def update(self, params: dict, grads: dict, state):
+        (w, b), (gw, gb) = self._split(params), self._split(grads)
+        w, sw = self.muon.update(w, gw, state[0])
+        b, sb = self.adamw.update(b, gb, state[1])
+        return {k: {**w, **b}[k] for k in params}, (sw, sb)
+
+
+def _functional(optimizer: str, hp: dict):
+    return _Paired(hp) if optimizer == "muon" else polyopt.OPTIMIZERS[optimizer][0](**hp)
+
+
 def _jax_stepper(optimizer: str, hp: dict, params: dict, xp, activation: str):
     import jax
 
-    opt = polyopt.OPTIMIZERS[optimizer][0](**hp)
+    opt = _functional(optimizer, hp)
     box = {"state": opt.init(params)}
 
     @jax.jit
@@ -366,6 +408,8 @@ def run(
 
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     steps_per_epoch = math.ceil(n_train / batch_size)
+    if "lr" not in polyopt.OPTIMIZERS[optimizer][0]().rule.schedulable:
+        schedule = "constant"  # schedule-free AdamW: its warmup and averaging replace one
     hp = {"lr": schedules.cosine(lr, epochs * steps_per_epoch) if schedule == "cosine" else lr}
     if weight_decay is not None:
         hp["weight_decay"] = weight_decay
@@ -374,6 +418,15 @@ def run(
         # is slow for a network this small. The functional form runs under jax.jit, with
         # the step count (and so the schedule) in the state.
         step, wd_used = _jax_stepper(optimizer, hp, params, xp, activation)
+    elif optimizer == "muon":  # the functional pair: Muon on matrices, AdamW on biases
+        pair = _Paired(hp)
+        box = {"state": pair.init(params)}
+        wd_used = pair.hyperparams["weight_decay"]
+
+        def step(params, Xb, Yb):
+            loss, grads = loss_and_grads(params, Xb, Yb, xp, activation)
+            params, box["state"] = pair.update(params, grads, box["state"])
+            return params, loss
     else:
         opt = polyopt.OPTIMIZERS[optimizer][1](params, **hp)
         wd_used = opt.param_groups[0]["weight_decay"]

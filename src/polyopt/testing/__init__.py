@@ -28,6 +28,7 @@ from typing import Any
 from ._cases import (
     ALL,
     CASES,
+    ELEMENTWISE,
     FULL,
     MISSING,
     NAMES,
@@ -65,6 +66,7 @@ __all__ = [
     "ALL",
     "BACKENDS",
     "CASES",
+    "ELEMENTWISE",
     "FULL",
     "MISSING",
     "DTYPES",

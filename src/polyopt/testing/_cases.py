@@ -69,6 +69,9 @@ OWN_PROBLEMS = {"muon": "2-D params only"}
 #: The optimizers of ``polyopt.OPTIMIZERS`` that the case table's rows cover: all but
 #: :data:`OWN_PROBLEMS`, in ``OPTIMIZERS`` order.
 NAMES = tuple(n for n in OPTIMIZERS if n not in OWN_PROBLEMS)
+#: Of :data:`NAMES`, the optimizers whose rule is elementwise: those with fast paths
+#: derived from the rule (the others reduce over an array and run the generic math).
+ELEMENTWISE = tuple(n for n in NAMES if OPTIMIZERS[n][0]().rule.elementwise)
 
 
 #: In ``Case.missing``: every array of the step.
