@@ -27,6 +27,21 @@ def _bits(arrays):
     return [(a.dtype.str, a.shape, a.tobytes()) for a in map(np.asarray, arrays)]
 
 
+def _rule(name):
+    return polyopt.OPTIMIZERS[name][0]().rule
+
+
+def _freezes_at_lr_zero(name):
+    """lr = 0 leaves the params bit for bit where the param moves by lr·(finite) only;
+    a rule whose lr is not schedulable (schedule-free AdamW: lr sets the averaging
+    weights) returns an interpolation y = (1-β)z + βx, equal to p0 up to rounding."""
+    return "lr" in _rule(name).schedulable
+
+
+#: the rows whose optimizer takes ``maximize`` (schedule-free AdamW has none)
+MAXIMIZE_CASES = [c for c in C.CASES if "maximize" in _rule(c.name).defaults]
+
+
 def _run(factory, hp, p0, grads):
     opt = factory(**hp)
     params = [p.copy() for p in p0]
@@ -47,10 +62,16 @@ def test_lr_zero_changes_nothing(case):
     hp = {**C.polyopt_hyperparams(case), "lr": 0.0}
     factory, cls = polyopt.OPTIMIZERS[case.name]
     params, state = _run(factory, hp, p0, grads)
-    assert _bits(params) == _bits(p0)
+    _assert_unchanged(case.name, params, p0)
     assert state.step == 20
-    # the state still moves (lr = 0 is not "skip the step")
-    moved = [np.any(v != 0) for arrays in state.slots.values() for v in arrays if v.size]
+    # the state still moves (lr = 0 is not "skip the step"); None: a slot this array
+    # does not have (Adafactor's factored moments)
+    moved = [
+        np.any(v != 0)
+        for arrays in state.slots.values()
+        for v in arrays
+        if v is not None and v.size
+    ]
     if moved:
         assert any(moved), "the optimizer state should still be updated with lr = 0"
 
@@ -59,13 +80,24 @@ def test_lr_zero_changes_nothing(case):
     opt = cls(mine, **hp)
     for g in grads:
         opt.step(g)
-    assert _bits(mine) == _bits(p0)
+    _assert_unchanged(case.name, mine, p0)
+
+
+def _assert_unchanged(name, params, p0):
+    if _freezes_at_lr_zero(name):
+        assert _bits(params) == _bits(p0)
+    else:
+        assert [(a.dtype.str, a.shape) for a in params] == [(a.dtype.str, a.shape) for a in p0]
+        for a, b in zip(params, p0, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-14, atol=0)
 
 
 def test_lr_zero_schedule_changes_nothing():
     p0, grads = C.make_problem(10)
-    for name, (factory, _) in polyopt.OPTIMIZERS.items():
-        params, _ = _run(factory, dict(lr=schedules.constant(0.0)), p0, grads)
+    names = [n for n in C.NAMES if "lr" in _rule(n).schedulable]
+    assert names
+    for name in names:
+        params, _ = _run(polyopt.OPTIMIZERS[name][0], dict(lr=schedules.constant(0.0)), p0, grads)
         assert _bits(params) == _bits(p0), name
 
 
@@ -92,11 +124,11 @@ def test_lr_zero_changes_nothing_hypothesis(case, problem):
     p, gs = problem
     hp = {**C.polyopt_hyperparams(case), "lr": 0.0}
     params, _ = _run(polyopt.OPTIMIZERS[case.name][0], hp, [p], [[g] for g in gs])
-    assert _bits(params) == _bits([p])
+    _assert_unchanged(case.name, params, [p])
 
 
 @settings(max_examples=60, deadline=None)
-@given(case=st.sampled_from(C.CASES), problem=_problems())
+@given(case=st.sampled_from(MAXIMIZE_CASES), problem=_problems())
 def test_maximize_is_minimizing_the_negated_gradient_hypothesis(case, problem):
     p, gs = problem
     hp = C.polyopt_hyperparams(case)
@@ -112,7 +144,7 @@ def test_maximize_is_minimizing_the_negated_gradient_hypothesis(case, problem):
 # -- maximize ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", C.CASES, ids=C.CASE_IDS)
+@pytest.mark.parametrize("case", MAXIMIZE_CASES, ids=[c.id for c in MAXIMIZE_CASES])
 def test_maximize_is_minimizing_the_negated_gradient(case):
     """Negation is exact in IEEE arithmetic, so maximizing with g and minimizing with -g
     must agree bit for bit, params and state, weight decay included (decay still shrinks)."""
