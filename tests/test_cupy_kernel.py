@@ -99,6 +99,10 @@ VARIANTS = {
     "radam": (polyopt.radam, dict(lr=0.02, betas=(0.9, 0.9), weight_decay=0.05)),
     "adamax": (polyopt.adamax, dict(lr=0.02, weight_decay=0.05, maximize=True)),
     "lion": (polyopt.lion, dict(lr=0.01, weight_decay=0.1)),
+    "schedule_free_adamw": (
+        polyopt.schedule_free_adamw,
+        dict(lr=0.01, weight_decay=0.05, warmup_steps=5),
+    ),
 }
 #: Variants whose rule branches on the step count on the host: one program per branch.
 BRANCHES = {"radam": 2}
@@ -211,7 +215,7 @@ def test_every_optimizer_has_one_program_for_all_its_steps():
     steps: the count, schedules and bias corrections enter as constants (one compilation
     per run; RAdam's un-rectified first steps are a second), and distinct options make
     distinct programs."""
-    names = {polyopt.OPTIMIZERS[f][0]().rule.name for f in polyopt.OPTIMIZERS}
+    names = {polyopt.OPTIMIZERS[f][0]().rule.name for f in testing.ELEMENTWISE}
     traced = {VARIANTS[v][0]().rule.name for v in VARIANTS}
     assert names <= traced
     for v in VARIANTS:
