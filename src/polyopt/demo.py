@@ -782,7 +782,7 @@ def run_demo(argv: Sequence[str] | None = None) -> dict[str, Any]:
         **common,
     )
     print(
-        f"{args.optimizer} (lr {_fmt(main_run['lr'])} {args.schedule}, weight_decay "
+        f"{args.optimizer} (lr {_fmt(main_run['lr'])} {main_run['schedule']}, weight_decay "
         f"{_fmt(main_run['weight_decay'])}), {args.epochs} epochs in {main_run['seconds']:.1f} s: "
         f"train accuracy {main_run['train_acc']:.4f}, test accuracy {main_run['test_acc']:.4f}"
     )
