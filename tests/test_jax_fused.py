@@ -26,12 +26,15 @@ from polyopt.testing import max_error  # noqa: E402
 
 STEPS = 12
 TOL = {"float32": 1e-6, "bfloat16": 1e-2}
-#: Every optimizer (the path packs the state of any rule) in each dtype: its row of the
-#: case table with every state slot, with schedules in float32 and numbers in bfloat16.
+#: Every elementwise optimizer (the path packs the state of any elementwise rule; a rule
+#: that reduces over an array has no fused path, ``impl="fused"`` refuses it) in each
+#: dtype: its row of the case table with every state slot, with schedules in float32 and
+#: numbers in bfloat16.
 CONFIGS = [
     pytest.param(c, dtype, id=f"{c.id}-{dtype}")
     for tag, dtype in ((testing.SCHEDULED, "float32"), (testing.FULL, "bfloat16"))
     for c in testing.tagged(tag)
+    if polyopt.OPTIMIZERS[c.name][0]().rule.elementwise
 ]
 SHAPES = [(3, 5), (), (0,), (1,), (7,)] + [(4,)] * 15
 
