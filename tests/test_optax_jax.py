@@ -71,6 +71,19 @@ def step_fn(tx):
     return step
 
 
+def _warmup(lr, steps):
+    """optax's ``warmup_constant_schedule(0, lr, steps)`` (what its schedule-free AdamW
+    builds from ``warmup_steps``) in JAX's default float dtype: optax's own divides the
+    int32 count in float32 even under x64 (relative error ~1e-8), which would hide
+    rounding-level agreement in the float64 comparison."""
+
+    def schedule(count):
+        dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+        return lr * jnp.minimum(jnp.asarray(count, dtype), steps) / steps
+
+    return schedule
+
+
 #: name -> (polyopt.optax transformation, its optax twin), both built fresh by a call.
 CONFIGS = {
     "chain-adamw": (
@@ -100,7 +113,7 @@ CONFIGS = {
     ),
     "schedule_free_adamw": (
         lambda: pox.schedule_free_adamw(lr=1e-2, warmup_steps=5, weight_decay=1e-3),
-        lambda: optax.contrib.schedule_free_adamw(1e-2, warmup_steps=5, weight_decay=1e-3),
+        lambda: optax.contrib.schedule_free_adamw(_warmup(1e-2, 5), weight_decay=1e-3),
     ),
 }
 
