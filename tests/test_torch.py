@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 
 import cases as C  # noqa: E402
 import polyopt  # noqa: E402
+import polyopt.torch  # noqa: E402
 import reference  # noqa: E402
 import torch_maxdiff as T  # noqa: E402
 
@@ -119,9 +120,17 @@ def test_sgdw_has_no_torch_counterpart(case):
 def test_defaults_match_torch_signature(name):
     cls = T.torch_class(name)
     sig = inspect.signature(cls).parameters
+    # the hyperparameters torch's constructor lacks (SGD's decoupled_weight_decay, Muon's
+    # ns_dtype): polyopt.torch adds them keyword-only, with the rule's default
+    extras = getattr(polyopt.torch, cls.__name__)._extras
+    mine = inspect.signature(getattr(polyopt.torch, cls.__name__)).parameters
     for hp, value in polyopt.OPTIMIZERS[name][0]().hyperparams.items():
+        if hp in extras and hp not in sig:
+            assert mine[hp].kind is inspect.Parameter.KEYWORD_ONLY, hp
+            assert mine[hp].default == value, hp
+            continue
         if hp == "decoupled_weight_decay" and hp not in sig:
-            continue  # SGD has none; AdamW is decoupled by definition
+            continue  # AdamW is decoupled by definition
         assert hp in sig, f"torch.optim.{cls.__name__} has no {hp}"
         assert sig[hp].default == value, (
             f"{name}.{hp}: polyopt {value!r}, torch {sig[hp].default!r}"
