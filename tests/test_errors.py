@@ -36,6 +36,14 @@ WITH_EPS = _having("eps")
 WITH_BETAS = _having("betas")
 WITH_AMSGRAD = _having("amsgrad")
 WITH_DECOUPLED = _having("decoupled_weight_decay")
+WITH_MAXIMIZE = _having("maximize")  # schedule-free AdamW has none
+
+
+def _schedulable(name: str) -> str:
+    """The hyperparameter a schedule test drives: ``lr`` where the rule lets it be a
+    schedule, else the rule's first schedulable one (schedule-free AdamW: weight_decay)."""
+    schedulable = polyopt.OPTIMIZERS[name][0]().rule.schedulable
+    return "lr" if "lr" in schedulable else schedulable[0]
 
 
 def cfg(name: str) -> dict:
@@ -107,8 +115,8 @@ BAD_HP = [
     (NAMES, {"lr": True}, TypeError, r"\blr\b.*True"),
     (NAMES, {"weight_decay": -0.5}, ValueError, r"weight_decay.*" + _v(-0.5)),
     (NAMES, {"weight_decay": NAN}, ValueError, r"weight_decay.*nan"),
-    (NAMES, {"maximize": 1}, TypeError, r"maximize.*\b1\b"),
-    (NAMES, {"maximize": "yes"}, TypeError, r"maximize.*'yes'"),
+    (WITH_MAXIMIZE, {"maximize": 1}, TypeError, r"maximize.*\b1\b"),
+    (WITH_MAXIMIZE, {"maximize": "yes"}, TypeError, r"maximize.*'yes'"),
     (NAMES, {"foo": 1}, TypeError, r"\bfoo\b"),
     (NAMES, {"impl": "cuda"}, ValueError, r"impl.*'cuda'"),
     (NAMES, {"impl": None}, ValueError, r"impl.*None"),
@@ -208,17 +216,23 @@ def test_valid_edge_values_are_accepted(name, hp, form):
     assert opt is not None
 
 
+# (id, optimizers it applies to, group override, exception, regex)
+BAD_GROUP_HP = [
+    ("lr", NAMES, {"lr": -1.0}, ValueError, r"\blr\b.*" + _v(-1.0) + r".*param group 1"),
+    ("weight_decay", NAMES, {"weight_decay": NAN}, ValueError, r"weight_decay.*nan.*param group 1"),
+    ("flag", WITH_MAXIMIZE, {"maximize": "no"}, TypeError, r"maximize.*'no'.*param group 1"),
+    ("str", NAMES, {"lr": "0.1"}, TypeError, r"\blr\b.*str.*'0\.1'.*param group 1"),
+]
+
+
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(
-    ("override", "exc", "rx"),
+    ("override", "exc", "rx", "name"),
     [
-        ({"lr": -1.0}, ValueError, r"\blr\b.*" + _v(-1.0) + r".*param group 1"),
-        ({"weight_decay": NAN}, ValueError, r"weight_decay.*nan.*param group 1"),
-        ({"maximize": "no"}, TypeError, r"maximize.*'no'.*param group 1"),
-        ({"lr": "0.1"}, TypeError, r"\blr\b.*str.*'0\.1'.*param group 1"),
+        pytest.param(override, exc, rx, name, id=f"{key}-{name}")
+        for key, names, override, exc, rx in BAD_GROUP_HP
+        for name in names
     ],
-    ids=["lr", "weight_decay", "flag", "str"],
 )
 def test_bad_hyperparameter_in_param_group(name, form, override, exc, rx):
     groups = [{"params": [_ones(3)]}, {"params": [_ones(2)], **override}]
@@ -404,6 +418,7 @@ def test_torch_param_without_grad_is_skipped(name):
     w.grad = torch.ones(3, dtype=torch.float64)  # b has no .grad
     opt = cls([w, b], **cfg(name))
     opt.step()
+    opt.step()  # two steps: schedule-free AdamW's warmup does not move z on the first
     assert not torch.equal(w.detach(), torch.ones(3, dtype=torch.float64))
     assert torch.equal(b.detach(), torch.ones(2, dtype=torch.float64))
 
@@ -420,15 +435,41 @@ def test_state_for_fewer_params(name):
         opt.update([_ones(3)], [_ones(3)], state)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_state_for_other_shapes(name):
+def _same_slots(name: str, a: tuple, b: tuple) -> bool:
+    """Whether params of shapes ``a`` and ``b`` have the same slots (Adafactor factors
+    matrices, not vectors: a state for the other layout is a different error)."""
+    opt = polyopt.OPTIMIZERS[name][0](**cfg(name))
+    hp = {**opt.rule.defaults, **opt.hyperparams}
+    sa, sb = opt.rule.slot_shapes(a, hp), opt.rule.slot_shapes(b, hp)
+    return {k for k, v in sa.items() if v is not None} == {
+        k for k, v in sb.items() if v is not None
+    }
+
+
+# a state made for the first shape broadcasts against params of the second: without a
+# check the state would silently broadcast
+_BROADCASTING = [((3,), (2, 3)), ((1, 3), (2, 3))]
+
+
+@pytest.mark.parametrize(
+    ("name", "made_for", "shape"),
+    [
+        pytest.param(n, a, b, id=f"{n}-{a}-{b}")
+        for n in NAMES
+        for a, b in _BROADCASTING
+        if _same_slots(n, a, b)
+    ],
+)
+def test_state_for_other_shapes(name, made_for, shape):
     factory, _ = polyopt.OPTIMIZERS[name]
     opt = factory(**cfg(name))
-    state = opt.init([_ones(3)])
-    # (3,) broadcasts against (2, 3): without a check the state would silently broadcast
-    params = [np.ones((2, 3))]
-    with pytest.raises(ValueError, match=r"state.*\(3,\)"):
-        opt.update(params, [np.ones((2, 3))], state)
+    state = opt.init([np.ones(made_for)])
+    hp = {**opt.rule.defaults, **opt.hyperparams}
+    have, need = opt.rule.slot_shapes(made_for, hp), opt.rule.slot_shapes(shape, hp)
+    wrong = {str(have[k]) for k in have if have[k] is not None and have[k] != need[k]}
+    assert wrong  # the state's own shapes the message must name
+    with pytest.raises(ValueError, match=r"state.*(" + "|".join(map(re.escape, wrong)) + ")"):
+        opt.update([np.ones(shape)], [np.ones(shape)], state)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -642,13 +683,15 @@ def test_failed_step_schedule_goes_negative_in_last_group(name, backend):
     """A schedule of the last group gives a negative lr at step 2: group 0 has already been
     computed when the error is found; nothing may be written."""
     _, cls = polyopt.OPTIMIZERS[name]
+    hp = _schedulable(name)
 
     def bad_after_two(k):
         return 0.05 if k < 2 else -0.25
 
     groups = _group_params(backend)
-    groups[1]["lr"] = bad_after_two
-    ref_groups = _group_params(backend)  # same as groups up to step 2, lr constant 0.05
+    groups[1][hp] = bad_after_two
+    ref_groups = _group_params(backend)  # same as groups up to step 2, hp constant 0.05
+    ref_groups[1][hp] = 0.05
     opt, ref = cls(groups, **cfg(name)), cls(ref_groups, **cfg(name))
     for k in range(2):
         opt.step(_group_grads(backend, k))
@@ -656,11 +699,11 @@ def test_failed_step_schedule_goes_negative_in_last_group(name, backend):
     params = _flat(groups)
     snap = _snapshot(opt, params)
 
-    with pytest.raises(ValueError, match=r"\blr\b.*" + _v(-0.25)):
+    with pytest.raises(ValueError, match=rf"\b{hp}\b.*" + _v(-0.25)):
         opt.step(_group_grads(backend, 2))
 
     _assert_unchanged(opt, params, snap)
-    opt.param_groups[1]["lr"] = 0.05
+    opt.param_groups[1][hp] = 0.05
     opt.step(_group_grads(backend, 2))
     ref.step(_group_grads(backend, 2))
     _assert_same_params(params, _flat(ref_groups))
@@ -674,14 +717,19 @@ def test_failed_update_does_not_touch_inputs(name):
     state = opt.init(params)
     params, state = opt.update(params, _grads("numpy", 0), state)
     before_p = [p.copy() for p in params]
-    before_s = {name: [v.copy() for v in arrays] for name, arrays in state.slots.items()}
+    # None: an array without this slot (Rule.layout)
+    before_s = {
+        name: [None if v is None else v.copy() for v in arrays]
+        for name, arrays in state.slots.items()
+    }
     with pytest.raises(ValueError):
         opt.update(params, _bad_last("shape", "numpy", _grads("numpy", 1)), state)
     for p, q in zip(params, before_p, strict=True):
         assert np.array_equal(p, q)
     assert set(state.slots) == set(before_s)
     for name, arrays in state.slots.items():
-        assert all(np.array_equal(a, b) for a, b in zip(arrays, before_s[name], strict=True))
+        for a, b in zip(arrays, before_s[name], strict=True):
+            assert (a is None and b is None) if a is None or b is None else np.array_equal(a, b)
     assert state.step == 1
 
 
@@ -920,7 +968,9 @@ def test_a_schedule_that_gives_a_bad_value(name, backend, bad):
         return
     lib = torch if backend == "torch" else np
     params = [lib.ones(3, dtype=lib.float64)]
-    opt = cls(params, lr=_bad_at_two(value))
+    hp = _schedulable(name)  # the message names it
+    rx = rx.replace("lr schedule", f"{hp} schedule")
+    opt = cls(params, **{hp: _bad_at_two(value)})
     for _ in range(2):
         opt.step([lib.ones(3, dtype=lib.float64)])
     before = to_np(params[0])

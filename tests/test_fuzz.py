@@ -27,6 +27,35 @@ torch = pytest.importorskip("torch")
 
 NAMES = testing.NAMES  # every optimizer the shared problems run (not Muon)
 DTYPES = ["float32", "float64", "complex64", "complex128"]
+
+
+def _rule(name):
+    return polyopt.OPTIMIZERS[name][0]().rule
+
+
+def _takes_complex(name):
+    """Whether the optimizer takes complex params (Adafactor refuses them at init)."""
+    try:
+        polyopt.OPTIMIZERS[name][0]().init([np.ones(1, np.complex128)])
+    except TypeError:
+        return False
+    return True
+
+
+#: Each optimizer's dtypes: those it takes.
+NAME_DTYPES = {
+    n: [d for d in DTYPES if _takes_complex(n) or not d.startswith("complex")] for n in NAMES
+}
+
+
+def _scheduled(name):
+    """The hyperparameter the "schedule" failure turns negative: ``lr`` where the rule
+    lets it be a schedule, else its first schedulable one (schedule-free AdamW's
+    weight_decay)."""
+    schedulable = _rule(name).schedulable
+    return "lr" if "lr" in schedulable else schedulable[0]
+
+
 FAILURES = ["none", "shape", "dtype", "library", "schedule", "memory", "memory", "read-only"]
 
 
@@ -46,15 +75,16 @@ def _hyperparams(draw, name):
         hp.update(momentum=draw(st.sampled_from([0.0, 0.5])), centered=draw(st.booleans()))
     elif name in ("adam", "adamw"):
         hp.update(amsgrad=draw(st.booleans()), betas=(draw(st.sampled_from([0.8, 0.9])), 0.99))
-    hp["maximize"] = draw(st.booleans())
+    if "maximize" in _rule(name).defaults:  # schedule-free AdamW has none
+        hp["maximize"] = draw(st.booleans())
     return hp
 
 
 @st.composite
 def scenarios(draw):
-    name = draw(st.sampled_from(NAMES + ["adam", "adamw"]))  # those have fast paths: twice
+    name = draw(st.sampled_from([*NAMES, "adam", "adamw"]))  # those have fast paths: twice
     backend = draw(st.sampled_from(["numpy", "torch"]))
-    dtype = draw(st.sampled_from(DTYPES))
+    dtype = draw(st.sampled_from(NAME_DTYPES[name]))
     impl = draw(st.sampled_from(["auto", "generic"]))
     n = draw(st.integers(1, 4))
     shapes = [tuple(draw(st.lists(st.integers(0, 3), min_size=0, max_size=3))) for _ in range(n)]
@@ -183,10 +213,12 @@ def test_failed_steps_change_nothing_and_good_steps_match_a_clean_run(sc, monkey
 
     copy = [_make(backend, testing.to_numpy(p).astype(dtype)) for p in p0]
     hp = dict(sc["hp"])
-    lr = hp.pop("lr")
+    key = _scheduled(sc["name"])  # the hyperparameter the "schedule" failure breaks
+    value = hp.pop(key)
     flip = {"on": False}
-    opt = cls(groups(p0), lr=lambda k: -1.0 if flip["on"] else lr, **hp, impl=sc["impl"])
-    clean = factory(lr=lr, **hp, impl="generic")
+    sched = {key: lambda k: -1.0 if flip["on"] else value}
+    opt = cls(groups(p0), **sched, **hp, impl=sc["impl"])
+    clean = factory(**{key: value}, **hp, impl="generic")
     clean_params = groups(copy)
     clean_state = clean.init(clean_params)
 

@@ -79,6 +79,9 @@ def test_functional_on_strict_equals_numpy(name, hp):
     assert set(state.slots) == set(ref_state.slots)
     for name, arrays in ref_state.slots.items():
         for s, r in zip(state.slots[name], arrays, strict=True):
+            if r is None or s is None:  # an array without this slot (Rule.layout)
+                assert r is None and s is None, name
+                continue
             np.testing.assert_allclose(from_strict(s), r, rtol=1e-12, atol=1e-14, err_msg=name)
     # the run did move
     assert not np.allclose(ref_params["w"], numpy_tree(0)["w"])
