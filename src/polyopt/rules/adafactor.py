@@ -29,7 +29,7 @@ DEFAULTS = dict(
     maximize=False,
 )
 
-SLOTS = ("col_var", "row_var", "variance")
+SLOTS = ("row_var", "col_var", "variance")  # torch's order in state[p]
 
 
 def _check(hp: dict) -> None:
@@ -56,11 +56,11 @@ def layout(shape: tuple[int, ...], hp: dict | None = None) -> dict[str, tuple[in
     shape = tuple(shape)
     if len(shape) >= 2:
         return {
-            "col_var": shape[:-2] + (1,) + shape[-1:],
             "row_var": shape[:-1] + (1,),
+            "col_var": shape[:-2] + (1,) + shape[-1:],
             "variance": None,
         }
-    return {"col_var": None, "row_var": None, "variance": shape}
+    return {"row_var": None, "col_var": None, "variance": shape}
 
 
 def _init(p: Any, hp: dict, xp: Any) -> dict:
@@ -71,11 +71,17 @@ def _init(p: Any, hp: dict, xp: Any) -> dict:
             "meaning for a pair of reals, and torch.optim.Adafactor refuses them too; pass "
             "the real and imaginary parts as separate real arrays if that is what you want"
         )
-    dev = _xp.device_of(p)
-    return {
-        name: None if shape is None else xp.zeros(shape, dtype=p.dtype, device=dev)
-        for name, shape in layout(p.shape).items()
-    }
+    # each slot as zeros_like of the reduction the step takes, not xp.zeros(shape,
+    # device=...): a JAX array keeps the placement JAX gives that reduction (a factored
+    # slot cannot take a param's sharding over the axis it reduces, and an uncommitted
+    # param keeps uncommitted state, so jit does not compile again on the second step)
+    if p.ndim >= 2:
+        return {
+            "row_var": xp.zeros_like(xp.sum(p, axis=-1, keepdims=True), dtype=p.dtype),
+            "col_var": xp.zeros_like(xp.sum(p, axis=-2, keepdims=True), dtype=p.dtype),
+            "variance": None,
+        }
+    return {"row_var": None, "col_var": None, "variance": xp.zeros_like(p)}
 
 
 def _rms(x: Any, n: int, xp: Any) -> Any:
