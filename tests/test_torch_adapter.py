@@ -19,12 +19,20 @@ import pytest
 torch = pytest.importorskip("torch")
 co = pytest.importorskip("torch.testing._internal.common_optimizers")
 
+import numpy as np  # noqa: E402
+
 import polyopt  # noqa: E402
 import polyopt.torch as pt  # noqa: E402
+from polyopt import testing  # noqa: E402
 
 NAMES = [cls.__name__ for _, cls in polyopt.OPTIMIZERS.values()]
+#: The classes the shared params below (a matrix, a vector, a 3-D array) suit: all but
+#: the 2-D-only ones (testing.OWN_PROBLEMS: Muon, held to torch in tests/test_muon.py).
+SHARED = [polyopt.OPTIMIZERS[n][1].__name__ for n in testing.NAMES]
+#: Of those, the ones torch.optim has a class of the same name for.
+TORCH = [n for n in SHARED if hasattr(torch.optim, n)]
 RTOL, ATOL = 1e-9, 1e-12
-INFO = {info.optim_cls.__name__: info for info in co.optim_db if info.optim_cls.__name__ in NAMES}
+INFO = {info.optim_cls.__name__: info for info in co.optim_db if info.optim_cls.__name__ in TORCH}
 REFUSED = ("differentiable", "capturable")  # polyopt.torch raises for these
 
 
@@ -108,6 +116,11 @@ def _error_inputs():
         for i, e in enumerate(
             INFO[name].optim_error_inputs_func(device="cpu", dtype=torch.float64)
         ):
+            if name == "Adafactor" and "complex" in e.optimizer_error_input.desc:
+                # polyopt refuses complex params with a TypeError when the state is made
+                # (a factored moment of a pair of reals means nothing): tested in
+                # tests/test_adafactor.py; torch's RuntimeError comes from its step
+                continue
             out.append(pytest.param(name, e, id=f"{name}-{i}-{e.optimizer_error_input.desc}"))
     return out
 
@@ -134,7 +147,7 @@ def test_optim_db_error_input(name, error):
 # -- torch semantics -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TORCH)
 def test_classes_are_the_torch_classes(name):
     opt = getattr(pt, name)(_params())
     assert isinstance(opt, getattr(torch.optim, name))
@@ -240,9 +253,10 @@ def test_step_hooks_run():
     assert seen == ["pre", "post"]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SHARED)
 def test_deepcopy_and_pickle_continue_identically(name):
-    (_, _), (opt, params) = _pair(name, {})
+    params = _params()
+    opt = getattr(pt, name)(params)
     grads = _grads(params, 8)
     _train(opt, params, grads[:4])
     twin = copy.deepcopy({"opt": opt, "params": params})  # the optimizer refers to params
@@ -252,7 +266,16 @@ def test_deepcopy_and_pickle_continue_identically(name):
     _same(_train(pickled["opt"], pickled["params"], grads[4:]), a)
 
 
-@pytest.mark.parametrize("name", NAMES)
+def _takes_complex(name: str) -> bool:
+    factory = next(f for f, c in polyopt.OPTIMIZERS.values() if c.__name__ == name)
+    try:
+        factory().init([np.zeros(2, np.complex128)])
+    except TypeError:  # Adafactor: a factored moment of a pair of reals means nothing
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", [n for n in TORCH if _takes_complex(n)])
 def test_complex_params_equal_torch(name):
     (ta, pa), (tb, pb) = _pair(name, {}, complex_=True)
     grads = _grads(pa, 10)
@@ -354,6 +377,10 @@ KWARGS = {
     "Adadelta": {"weight_decay": 0.1},
     "Adam": {"lr": 0.01, "amsgrad": True},
     "AdamW": {"lr": 0.01},
+    "NAdam": {"lr": 0.01, "momentum_decay": 0.01},
+    "RAdam": {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True},
+    "Adamax": {"lr": 0.01, "weight_decay": 0.1},
+    "Adafactor": {"lr": 0.05, "weight_decay": 0.1},
 }
 
 
@@ -375,7 +402,7 @@ def _same_format(a, b):
 
 
 @pytest.mark.parametrize("direction", ["torch->polyopt", "polyopt->torch"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TORCH)
 def test_checkpoints_move_between_torch_and_polyopt(name, direction):
     kwargs = {**KWARGS[name], "foreach": False}
     (ta, pa), (tb, pb) = _pair(name, kwargs)
@@ -442,8 +469,22 @@ def _scheduled_run(cls, name, sched, grads):
     return [p.detach().clone() for p in params], seen
 
 
-@pytest.mark.parametrize("sched", list(SCHEDULERS))
-@pytest.mark.parametrize("name", NAMES)
+#: Schedulers that also cycle β1 (``cycle_momentum``): NAdam's running product Π μ_k is
+#: computed from the step count and today's β1 (polyopt's state keeps no history of
+#: β1), so with a β1 that changes between steps it differs from torch's running
+#: product; documented in docs/optimizers.md.
+_MOVES_BETA1 = ("CyclicLR", "OneCycleLR")
+
+
+@pytest.mark.parametrize(
+    ("name", "sched"),
+    [
+        (n, s)
+        for n in TORCH
+        for s in SCHEDULERS
+        if not (s in _MOVES_BETA1 and pt.__dict__[n]._factory().rule.counted is not None)
+    ],
+)
 def test_lr_scheduler_matches_torch(name, sched):
     """Every torch.optim.lr_scheduler class on every optimizer: the same params and the
     same hyperparameters at each step (OneCycleLR and CyclicLR cycle momentum or

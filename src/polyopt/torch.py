@@ -275,8 +275,19 @@ def _run(opt: _Adapter, grad_scale: Any, found_inf: Any) -> None:
                     # kernels 4-5 % slower at 10M params in 100 tensors)
                     init = rule.init_slots([p], hp0, xp)
                     entry = {"step": _new_step(opt, p)} if counted and "step" not in s else {}
-                    entry.update(s)  # torch's order: "step" first
-                    entry.update({n: init[n][0] for n in names if n not in s})
+                    if rule.counted is not None:  # torch's order: right after "step"
+                        entry.update(
+                            {
+                                n: torch.tensor(v, dtype=_scalar_dtype())
+                                for n, v in rule.counted(hp0, 0).items()
+                                if n not in s
+                            }
+                        )
+                    entry.update(s)
+                    # the array's own slots (Adafactor's layout: None where it has none)
+                    entry.update(
+                        {n: init[n][0] for n in names if n not in s and init[n][0] is not None}
+                    )
                     views[i] = entry
                     fresh.append((p, entry))
         if len(groups) == 1:  # the common case: one column per slot
