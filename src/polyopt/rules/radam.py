@@ -7,7 +7,8 @@ from typing import Any
 from .. import _validate as v
 from .. import _xp
 from .._base import Optimizer, Rule, bias_correction, scalar_sqrt, two_part
-from ._common import grad_term, make, param_term
+from ._common import make, param_term
+from .nadam import _moments  # Adam's moments of the (L2-decayed) gradient, as NAdam's
 
 DEFAULTS = dict(
     lr=1e-3,
@@ -30,15 +31,6 @@ def _check(hp: dict) -> None:
 
 def _slots(hp: dict) -> tuple[str, ...]:
     return ("exp_avg", "exp_avg_sq")
-
-
-def _moments(p, g, s, hp, t, xp):
-    b1, b2 = hp["betas"]
-    g = grad_term(p, g, hp, decoupled=hp["decoupled_weight_decay"])
-    return {
-        "exp_avg": b1 * s["exp_avg"] + (1 - b1) * g,
-        "exp_avg_sq": b2 * s["exp_avg_sq"] + (1 - b2) * (g * g),
-    }
 
 
 def _move(p, g, s, hp, t, xp):
