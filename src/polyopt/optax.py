@@ -38,8 +38,13 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import optax
+try:
+    import jax
+    import optax
+except ModuleNotFoundError as e:  # jax or optax itself missing, not something they import
+    if e.name not in ("jax", "optax"):
+        raise
+    raise ImportError("polyopt.optax needs optax and JAX: pip install 'polyopt[jax]'") from None
 
 from . import OPTIMIZERS, _base, backends
 from . import flat as _flat

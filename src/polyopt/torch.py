@@ -46,7 +46,12 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError as e:  # torch itself missing, not something torch imports
+    if e.name != "torch":
+        raise
+    raise ImportError("polyopt.torch needs PyTorch: pip install 'polyopt[torch]'") from None
 
 from . import OPTIMIZERS, _base
 from . import backends as _backends
