@@ -74,6 +74,31 @@ def adagrad(
 
     State per array: ``sum``.
 
+    Args:
+        lr: learning rate γ (>= 0): a number, a 0-d array of the params' library (a torch
+            tensor, a JAX array or tracer), or a schedule, a function of the step count such
+            as ``polyopt.schedules.cosine(1e-3, T_max=1000)``.
+        lr_decay: (>= 0): the learning rate at the array's t-th update is ``γ_t / (1 + (t −
+            1)·lr_decay)``.
+        weight_decay: λ (>= 0), coupled L2 weight decay: ``λ·p`` is added to the gradient (0
+            turns it off). A number, a 0-d array or a schedule.
+        initial_accumulator_value: (>= 0): the start value of the sum of squared gradients
+            (optax and Keras start at 0.1).
+        eps: ε (>= 0) added outside the square root of the accumulator.
+        maximize: ascend the objective instead of descending it (the gradient is negated).
+        impl: which implementation runs the step. ``"auto"`` (default): the fastest path
+            polyopt has for the params' library where one exists (a numba kernel for NumPy,
+            torch's own fused kernels or one derived from the rule for torch, a generated
+            CUDA kernel for CuPy, packed state for runs of small arrays under JAX), else the
+            generic rule. ``"generic"``: the rule as written, array-API operations on one
+            array at a time. ``"fused"``: a fast path is required; ``init`` / ``update``
+            raise ValueError where there is none for this optimizer and library. Every fast
+            path gives the generic path's numbers within the dtype's tolerance.
+
+    Returns:
+        Optimizer: the functional form, a pure ``init`` / ``update`` pair;
+            ``polyopt.Adagrad(params, ...)`` is the stateful form of the same rule.
+
     Example:
 
     >>> import numpy as np, polyopt

@@ -116,6 +116,32 @@ def adam(
 
     State per array: ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad).
 
+    Args:
+        lr: learning rate γ (>= 0): a number, a 0-d array of the params' library (a torch
+            tensor, a JAX array or tracer), or a schedule, a function of the step count such
+            as ``polyopt.schedules.cosine(1e-3, T_max=1000)``.
+        betas: (β1, β2), each in [0, 1): the decay rates of the running averages of the
+            gradient and of its square.
+        eps: ε (>= 0) added outside the bias-corrected square root.
+        weight_decay: λ (>= 0). Coupled L2 (``λ·p`` added to the gradient) unless
+            ``decoupled_weight_decay``; 0 turns it off. A number, a 0-d array or a schedule.
+        amsgrad: use the running maximum of the second moment (AMSGrad).
+        maximize: ascend the objective instead of descending it (the gradient is negated).
+        decoupled_weight_decay: decay the weight directly, ``p ← p·(1 − γ_t λ)`` before the
+            step (AdamW-style), instead of adding ``λ·p`` to the gradient.
+        impl: which implementation runs the step. ``"auto"`` (default): the fastest path
+            polyopt has for the params' library where one exists (a numba kernel for NumPy,
+            torch's own fused kernels or one derived from the rule for torch, a generated
+            CUDA kernel for CuPy, packed state for runs of small arrays under JAX), else the
+            generic rule. ``"generic"``: the rule as written, array-API operations on one
+            array at a time. ``"fused"``: a fast path is required; ``init`` / ``update``
+            raise ValueError where there is none for this optimizer and library. Every fast
+            path gives the generic path's numbers within the dtype's tolerance.
+
+    Returns:
+        Optimizer: the functional form, a pure ``init`` / ``update`` pair;
+            ``polyopt.Adam(params, ...)`` is the stateful form of the same rule.
+
     Example:
 
     >>> import numpy as np, polyopt
@@ -158,6 +184,32 @@ def adamw(
 
     ``weight_decay=0`` gives exactly :func:`adam`. Default ``weight_decay`` is torch's
     1e-2 (optax's is 1e-4).
+
+    Args:
+        lr: learning rate γ (>= 0): a number, a 0-d array of the params' library (a torch
+            tensor, a JAX array or tracer), or a schedule, a function of the step count such
+            as ``polyopt.schedules.cosine(1e-3, T_max=1000)``.
+        betas: (β1, β2), each in [0, 1): the decay rates of the running averages of the
+            gradient and of its square.
+        eps: ε (>= 0) added outside the bias-corrected square root.
+        weight_decay: λ (>= 0), decoupled: ``p ← p·(1 − γ_t λ)`` before the Adam step
+            (torch's default 1e-2). A number, a 0-d array or a schedule.
+        amsgrad: use the running maximum of the second moment (AMSGrad).
+        maximize: ascend the objective instead of descending it (the gradient is negated).
+        decoupled_weight_decay: True (default) for AdamW; False makes the decay coupled L2,
+            i.e. :func:`adam`.
+        impl: which implementation runs the step. ``"auto"`` (default): the fastest path
+            polyopt has for the params' library where one exists (a numba kernel for NumPy,
+            torch's own fused kernels or one derived from the rule for torch, a generated
+            CUDA kernel for CuPy, packed state for runs of small arrays under JAX), else the
+            generic rule. ``"generic"``: the rule as written, array-API operations on one
+            array at a time. ``"fused"``: a fast path is required; ``init`` / ``update``
+            raise ValueError where there is none for this optimizer and library. Every fast
+            path gives the generic path's numbers within the dtype's tolerance.
+
+    Returns:
+        Optimizer: the functional form, a pure ``init`` / ``update`` pair;
+            ``polyopt.AdamW(params, ...)`` is the stateful form of the same rule.
 
     Example:
 

@@ -101,6 +101,27 @@ def lamb(
     State per array: ``exp_avg``, ``exp_avg_sq``, each of the param's shape (optax's
     ``mu``, ``nu``).
 
+    Args:
+        lr: learning rate γ (>= 0): a number, a 0-d array of the params' library (a torch
+            tensor, a JAX array or tracer), or a schedule, a function of the step count such
+            as ``polyopt.schedules.cosine(1e-3, T_max=1000)``.
+        betas: (β1, β2), each in [0, 1): the decay rates of the running averages of the
+            gradient and of its square.
+        eps: ε (>= 0) added outside the square root.
+        eps_root: ε_root (>= 0) added inside the square root (optax's ``eps_root``).
+        weight_decay: λ (>= 0): ``λ·p`` added to the direction before the trust ratio (not
+            multiplied by lr on its own). A number, a 0-d array or a schedule (evaluated at
+            the optimizer's step count).
+        maximize: ascend the objective instead of descending it (the gradient is negated).
+        impl: which implementation runs the step. This rule reduces over each array, so only
+            the generic path exists: ``"auto"`` (default) and ``"generic"`` run the rule as
+            written (array-API operations, one array at a time); ``"fused"`` raises
+            ValueError at ``init`` / ``update`` (there is no fused step to require).
+
+    Returns:
+        Optimizer: the functional form, a pure ``init`` / ``update`` pair;
+            ``polyopt.Lamb(params, ...)`` is the stateful form of the same rule.
+
     Example:
 
     >>> import numpy as np, polyopt

@@ -85,6 +85,31 @@ def radam(
 
     State per array: ``exp_avg``, ``exp_avg_sq``.
 
+    Args:
+        lr: learning rate γ (>= 0): a number, a 0-d array of the params' library (a torch
+            tensor, a JAX array or tracer), or a schedule, a function of the step count such
+            as ``polyopt.schedules.cosine(1e-3, T_max=1000)``.
+        betas: (β1, β2), each in [0, 1): the decay rates of the running averages of the
+            gradient and of its square.
+        eps: ε (>= 0) added outside the square root of the raw second moment.
+        weight_decay: λ (>= 0). Coupled L2 (``λ·p`` added to the gradient) unless
+            ``decoupled_weight_decay``; 0 turns it off. A number, a 0-d array or a schedule.
+        decoupled_weight_decay: decay the weight directly, ``p ← p·(1 − γ_t λ)`` before the
+            step (AdamW-style), instead of adding ``λ·p`` to the gradient.
+        maximize: ascend the objective instead of descending it (the gradient is negated).
+        impl: which implementation runs the step. ``"auto"`` (default): the fastest path
+            polyopt has for the params' library where one exists (a numba kernel for NumPy,
+            torch's own fused kernels or one derived from the rule for torch, a generated
+            CUDA kernel for CuPy, packed state for runs of small arrays under JAX), else the
+            generic rule. ``"generic"``: the rule as written, array-API operations on one
+            array at a time. ``"fused"``: a fast path is required; ``init`` / ``update``
+            raise ValueError where there is none for this optimizer and library. Every fast
+            path gives the generic path's numbers within the dtype's tolerance.
+
+    Returns:
+        Optimizer: the functional form, a pure ``init`` / ``update`` pair;
+            ``polyopt.RAdam(params, ...)`` is the stateful form of the same rule.
+
     Example:
 
     >>> import numpy as np, polyopt

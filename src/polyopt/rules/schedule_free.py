@@ -160,6 +160,32 @@ def schedule_free_adamw(
     Complex params are pairs of reals (torch.optim's convention): v is kept per real
     and imaginary part, where optax keeps one |g|² per entry.
 
+    Args:
+        lr: learning rate (>= 0) of z: a number or a 0-d array, not a schedule (use
+            ``warmup_steps``).
+        betas: (β1, β2): β1 in (0, 1), the interpolation weight between the average x and z;
+            β2 in [0, 1), the decay rate of the second moment.
+        eps: ε (>= 0) added outside the bias-corrected square root.
+        weight_decay: λ (>= 0): ``λ·y`` added to z's step. A number, a 0-d array or a
+            schedule.
+        warmup_steps: W, an int >= 0 (or None, the same as 0): the learning rate of z rises
+            linearly over the first W steps.
+        weight_lr_power: p (>= 0): the power of the warmup learning rate in the averaging
+            weights.
+        impl: which implementation runs the step. ``"auto"`` (default): the fastest path
+            polyopt has for the params' library where one exists (a numba kernel for NumPy,
+            torch's own fused kernels or one derived from the rule for torch, a generated
+            CUDA kernel for CuPy, packed state for runs of small arrays under JAX), else the
+            generic rule. ``"generic"``: the rule as written, array-API operations on one
+            array at a time. ``"fused"``: a fast path is required; ``init`` / ``update``
+            raise ValueError where there is none for this optimizer and library. Every fast
+            path gives the generic path's numbers within the dtype's tolerance.
+
+    Returns:
+        Optimizer: the functional form, a pure ``init`` / ``update`` pair;
+            ``polyopt.ScheduleFreeAdamW(params, ...)`` is the stateful form of the same
+            rule.
+
     Example:
 
     >>> import numpy as np, polyopt
@@ -196,7 +222,25 @@ def schedule_free_eval_params(
       ``optimizer`` (the one that made ``state``), and from each group's ``betas`` where
       ``params`` are torch-style groups.
 
-    Returns new arrays in the structure of ``params``; changes nothing.
+    Changes nothing.
+
+    Args:
+        state_or_optimizer: a stateful ``polyopt.ScheduleFreeAdamW``, or the
+            :class:`~polyopt.OptState` of a functional ``polyopt.schedule_free_adamw``.
+        params: the params y the state belongs to (any structure ``init`` takes); by
+            default, for a stateful optimizer, ``opt.params``. Required with an
+            ``OptState``.
+        optimizer: the functional optimizer that made ``state`` (for its ``betas``);
+            only with an ``OptState``, where it is required.
+
+    Returns:
+        The averaged params x: new arrays of the params' library, in the structure of
+        ``params``.
+
+    Raises:
+        TypeError: for an optimizer that is not schedule-free AdamW, or ``optimizer``
+            missing with an ``OptState`` (given with a stateful one).
+        ValueError: ``params`` missing with an ``OptState``, or a state with no ``z``.
     """
     if isinstance(state_or_optimizer, StatefulOptimizer):
         opt = state_or_optimizer
