@@ -183,7 +183,7 @@ def nadam(
     >>> state = opt.init(params)
     >>> params, state = opt.update(params, np.array([0.5, -0.25]), state)
     >>> np.round(params, 4)
-    array([ 0.8665, -1.8665])
+    array([ 0.8944, -1.8944])
 
     Paper: https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ
     """
