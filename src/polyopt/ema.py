@@ -23,7 +23,12 @@ from . import _tree, _validate, _xp
 
 
 class EMAState(NamedTuple):
-    """``count``: updates so far; ``averaged``: the averaged params (same structure)."""
+    """The functional EMA's state.
+
+    Args:
+        count: updates so far (a Python int; a 0-d int32 array for JAX).
+        averaged: the averaged params, in the params' structure.
+    """
 
     count: Any
     averaged: Any
@@ -35,12 +40,29 @@ def _check_decay(decay: Any) -> float:
 
 
 class ema:
-    """Functional EMA: ``state = ema(decay).init(params)``; ``state = e.update(params, state)``."""
+    """Functional EMA: ``state = ema(decay).init(params)``; ``state = e.update(params, state)``.
+
+    Pure, like the functional optimizers: nothing is mutated, so it runs under
+    ``jax.jit``.
+
+    Args:
+        decay: the weight of the old average, in [0, 1] (0: the average is the last
+            params; 1: it stays the initial params).
+    """
 
     def __init__(self, decay: float = 0.999):
         self.decay = _check_decay(decay)
 
     def init(self, params: Any) -> EMAState:
+        """The initial state: a copy of ``params`` as the average, count 0.
+
+        Args:
+            params: one array, a list/tuple, a dict, or any structure the optimizers
+                take (not parameter groups).
+
+        Returns:
+            EMAState: ``(count, averaged)``.
+        """
         leaves, structure = _tree.flatten(params)
         if not leaves:
             raise ValueError("params must contain at least one array, got an empty structure")
@@ -50,6 +72,17 @@ class ema:
         return EMAState(count, _tree.unflatten(structure, avg))
 
     def update(self, params: Any, state: EMAState) -> EMAState:
+        """One EMA step: ``avg ← decay · avg + (1 - decay) · params``, in at least
+        float32 for half-precision params, stored in their dtype.
+
+        Args:
+            params: the current params, in the structure ``init`` was given, each with
+                the shape and dtype it had there.
+            state: the state from :meth:`init` or the previous :meth:`update`.
+
+        Returns:
+            EMAState: the new state (``count`` + 1); ``state`` is not changed.
+        """
         avg_leaves, structure = _tree.flatten(state.averaged)
         leaves = _tree.flatten_like(params, structure, "params", "the averaged params")
         xp = _xp.namespace(leaves + avg_leaves, "params and averaged params")
@@ -76,6 +109,11 @@ class EMA:
     ``update(params)`` after each optimizer step; :attr:`averaged` holds the average in
     the params' structure; :meth:`copy_to` writes it into the model's arrays (in place,
     or returns the new arrays for JAX).
+
+    Args:
+        params: the params to average (any structure the optimizers take); the average
+            starts as a copy of them.
+        decay: the weight of the old average, in [0, 1].
     """
 
     def __init__(self, params: Any, decay: float = 0.999):
@@ -85,22 +123,37 @@ class EMA:
 
     @property
     def decay(self) -> float:
+        """The decay (a float in [0, 1])."""
         return self._ema.decay
 
     @property
     def averaged(self) -> Any:
+        """The averaged params, in the params' structure (the EMA's own arrays)."""
         return self._state.averaged
 
     @property
     def count(self) -> int:
+        """The number of :meth:`update` calls so far."""
         return int(self._state.count)
 
     def update(self, params: Any) -> None:
+        """One EMA step with the current params (call it after each optimizer step).
+
+        Args:
+            params: the params, in the structure the EMA was made with.
+        """
         self._state = self._ema.update(params, self._state)
 
     def copy_to(self, params: Any) -> Any:
-        """Write the average into ``params`` (in place where the library allows) and
-        return the params (the new arrays for JAX)."""
+        """Write the average into ``params`` (in place where the library allows).
+
+        Args:
+            params: the model's arrays, in the structure the EMA was made with.
+
+        Returns:
+            ``params`` itself (written in place) for NumPy, CuPy and torch; for JAX,
+            whose arrays are immutable, the averaged arrays in ``params``' structure.
+        """
         avg_leaves, structure = _tree.flatten(self._state.averaged)
         leaves = _tree.flatten_like(params, structure, "params", "the averaged params")
         xp = _xp.namespace(leaves, "params")
@@ -112,6 +165,12 @@ class EMA:
         return params
 
     def state_dict(self) -> dict:
+        """A snapshot for checkpoints.
+
+        Returns:
+            dict: ``{"decay", "count", "averaged": [array, ...]}``, the arrays copies in
+            the params' library, in flattening order.
+        """
         leaves, _ = _tree.flatten(self._state.averaged)
         xp = _xp.namespace(leaves, "averaged")
         return {
@@ -121,6 +180,16 @@ class EMA:
         }
 
     def load_state_dict(self, sd: dict) -> None:
+        """Restore a :meth:`state_dict` snapshot; it is checked before anything changes.
+
+        Args:
+            sd: a dict from :meth:`state_dict` (its arrays are copied, in the params'
+                library and dtype).
+
+        Raises:
+            ValueError: the number or shapes of the arrays, the decay or the count do
+                not fit.
+        """
         leaves, structure = _tree.flatten(self._state.averaged)
         saved = sd["averaged"]
         if len(saved) != len(leaves):

@@ -93,9 +93,22 @@ def _ops(k: Any):
 
 
 class Schedule:
-    """Base class: subclasses define ``value(k, m)`` with ``m`` the scalar math in use."""
+    """Base class: subclasses define ``value(k, m)`` with ``m`` the scalar math in use.
+
+    Every schedule is called with the step count: ``schedule(k)``.
+    """
 
     def __call__(self, k: Any) -> Any:
+        """The value at step ``k``.
+
+        Args:
+            k: the step count, a Python int >= 0 (or a float holding one), or a 0-d
+                integer array (the step count in a JAX state, traced under ``jax.jit``).
+
+        Returns:
+            A Python float (float64 math on the host) for an int ``k``; a 0-d array of
+            ``k``'s library in its default float dtype for an array ``k``.
+        """
         return self.value(k, _ops(k))
 
     def value(self, k: Any, m: Any) -> Any:  # pragma: no cover - abstract
@@ -109,7 +122,11 @@ def _positive_int(name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class constant(Schedule):
-    """``lr`` at every step (torch: no scheduler)."""
+    """``lr`` at every step (torch: no scheduler).
+
+    Args:
+        lr: the value (>= 0).
+    """
 
     lr: float
 
@@ -122,7 +139,13 @@ class constant(Schedule):
 
 @dataclass(frozen=True)
 class step_decay(Schedule):
-    """``lr · gamma^floor(k / step_size)`` (torch ``StepLR``)."""
+    """``lr · gamma^floor(k / step_size)`` (torch ``StepLR``).
+
+    Args:
+        lr: the value at step 0 (>= 0).
+        step_size: the number of steps between decays, an int >= 1.
+        gamma: the factor applied every ``step_size`` steps (>= 0).
+    """
 
     lr: float
     step_size: int
@@ -139,7 +162,12 @@ class step_decay(Schedule):
 
 @dataclass(frozen=True)
 class exponential(Schedule):
-    """``lr · gamma^k`` (torch ``ExponentialLR``)."""
+    """``lr · gamma^k`` (torch ``ExponentialLR``).
+
+    Args:
+        lr: the value at step 0 (>= 0).
+        gamma: the factor applied at every step (>= 0).
+    """
 
     lr: float
     gamma: float
@@ -162,6 +190,11 @@ class cosine(Schedule):
 
     Like torch's, the curve goes on past ``T_max`` (it rises again, period 2·T_max); join
     it with :func:`constant` to hold ``eta_min`` (optax's ``cosine_decay_schedule`` holds).
+
+    Args:
+        lr: the value at step 0 (>= 0).
+        T_max: the number of steps from ``lr`` down to ``eta_min``, an int >= 1.
+        eta_min: the value at ``T_max`` (>= 0).
     """
 
     lr: float
@@ -183,6 +216,12 @@ class cosine_warm_restarts(Schedule):
 
     The i-th period lasts ``T_0 · T_mult^i`` steps; within it the lr follows a cosine
     from ``lr`` down towards ``eta_min`` and restarts at ``lr``.
+
+    Args:
+        lr: the value at the start of every period (>= 0).
+        T_0: the length of the first period in steps, an int >= 1.
+        T_mult: the factor by which each period is longer than the last, an int >= 1.
+        eta_min: the value the cosine falls towards (>= 0).
     """
 
     lr: float
@@ -225,6 +264,16 @@ class linear(Schedule):
 
     torch's ``LinearLR(start_factor, end_factor, total_iters)`` on base lr ``α`` is
     ``linear(α · start_factor, α · end_factor, total_iters)``.
+
+    >>> from polyopt import schedules
+    >>> s = schedules.linear(1e-3, 1e-4, steps=10)   # start, end, steps: all three needed
+    >>> round(s(0), 6), round(s(5), 6), round(s(10), 6), round(s(99), 6)
+    (0.001, 0.00055, 0.0001, 0.0001)
+
+    Args:
+        start: the value at step 0 (>= 0).
+        end: the value from step ``steps`` on (>= 0).
+        steps: the length of the ramp, an int >= 1.
     """
 
     start: float
@@ -242,7 +291,17 @@ class linear(Schedule):
 
 
 def linear_warmup(lr: float, warmup_steps: int, start_factor: float = 0.0) -> linear:
-    """Linear warmup from ``lr · start_factor`` to ``lr`` over ``warmup_steps`` steps."""
+    """Linear warmup from ``lr · start_factor`` to ``lr`` over ``warmup_steps`` steps.
+
+    Args:
+        lr: the value reached at step ``warmup_steps`` and kept after it (>= 0).
+        warmup_steps: the length of the warmup, an int >= 1.
+        start_factor: the value at step 0 as a fraction of ``lr`` (>= 0).
+
+    Returns:
+        linear: ``linear(lr · start_factor, lr, warmup_steps)``; :class:`join` it with
+        another schedule to decay after the warmup.
+    """
     v.at_least("lr", lr, 0.0, schedulable=False)
     _positive_int("warmup_steps", warmup_steps)
     v.at_least("start_factor", start_factor, 0.0, schedulable=False)
@@ -252,7 +311,14 @@ def linear_warmup(lr: float, warmup_steps: int, start_factor: float = 0.0) -> li
 @dataclass(frozen=True)
 class join(Schedule):
     """Run ``schedules[0]`` until ``boundaries[0]``, then ``schedules[1]`` counted from 0,
-    and so on (torch ``SequentialLR`` with ``milestones``; optax ``join_schedules``)."""
+    and so on (torch ``SequentialLR`` with ``milestones``; optax ``join_schedules``).
+
+    Args:
+        schedules: the schedules (callables of the step count), one more than
+            ``boundaries``; each counts its steps from 0 where it starts.
+        boundaries: the steps at which the next schedule takes over, increasing ints
+            >= 0.
+    """
 
     schedules: Sequence[Callable]
     boundaries: Sequence[int]
@@ -300,6 +366,16 @@ def normalized_weight_decay(
 
     >>> round(normalized_weight_decay(0.05, 128, 50_000, 100), 6)   # 0.05 · sqrt(128 / 5e6)
     0.000253
+
+    Args:
+        lambda_norm: the paper's normalized decay λ_norm (>= 0).
+        batch_size: b, an int >= 1.
+        dataset_size: B, the number of training points, an int >= 1.
+        epochs: T, an int >= 1.
+
+    Returns:
+        float: λ, the paper's (unnormalized) weight decay.
+
     """
     v.at_least("lambda_norm", lambda_norm, 0.0, schedulable=False)
     for name, n in (("batch_size", batch_size), ("dataset_size", dataset_size), ("epochs", epochs)):
