@@ -34,13 +34,25 @@ from . import _xp
 def pack(arrays: list) -> list:
     """New arrays with the values of ``arrays``, as views into one buffer per dtype.
 
-    Returns the views in the order given (use them as your model's params).
+    Args:
+        arrays: arrays of one library that can be written into (NumPy, CuPy, torch).
+
+    Returns:
+        list: the views, in the order given, with the values of ``arrays`` (use them as
+        your model's params); :func:`span` of a run of them of one dtype is one view.
     """
     return _into_buffers(arrays, copy_values=True)
 
 
 def zeros_like(arrays: list) -> list:
-    """Zero arrays with the shapes and dtypes of ``arrays``, in one buffer per dtype."""
+    """Zero arrays with the shapes and dtypes of ``arrays``, in one buffer per dtype.
+
+    Args:
+        arrays: the arrays whose layout to copy (say, params made by :func:`pack`).
+
+    Returns:
+        list: new zero arrays, views into one buffer per dtype, in the order given.
+    """
     return _into_buffers(arrays, copy_values=False)
 
 
@@ -63,7 +75,17 @@ def _into_buffers(arrays: list, copy_values: bool) -> list:
 
 
 def empty_views(xp: Any, shapes: list[tuple], dtype: Any, device: Any = None) -> list:
-    """Views of ``shapes`` into one new 1-D buffer (uninitialised values)."""
+    """Views of ``shapes`` into one new 1-D buffer (uninitialised values).
+
+    Args:
+        xp: the array namespace (``numpy``, ``cupy``, an array-api-compat namespace).
+        shapes: the shape of each view.
+        dtype: the buffer's dtype.
+        device: the buffer's device (None: the library's default).
+
+    Returns:
+        list: one view per shape, back to back in the buffer.
+    """
     sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
     kwargs = {"device": device} if device is not None else {}
     buf = xp.empty((sum(sizes),), dtype=dtype, **kwargs)
@@ -90,7 +112,14 @@ def _address(a: Any) -> tuple[int, int] | None:
 def span(arrays: list) -> Any | None:
     """One 1-D view covering ``arrays`` if they lie back to back in one buffer (same
     dtype, C-contiguous, in this order); None otherwise. Writing into the view writes
-    into the arrays."""
+    into the arrays.
+
+    Args:
+        arrays: NumPy or CuPy arrays (other libraries always give None).
+
+    Returns:
+        The 1-D view, or None.
+    """
     if not arrays:
         return None
     dtype = arrays[0].dtype
@@ -150,6 +179,10 @@ class Packed(Sequence):
     ``lead`` is normally ``()``; ``jax.vmap`` gives the buffer a leading batch axis,
     which the elements then get too.
 
+    Args:
+        parts: the buffers (and elements kept as they are), as above.
+        tails: for each part, the shapes of the elements in it, or None.
+
     >>> import numpy as np
     >>> s = Packed((np.arange(7.0),), (((2, 3), (1,)),))
     >>> len(s), s[0].shape, s[1]
@@ -165,12 +198,27 @@ class Packed(Sequence):
 
     @classmethod
     def run(cls, buffer: Any, shapes: Any) -> Packed:
-        """One buffer holding arrays of ``shapes``, back to back."""
+        """One buffer holding arrays of ``shapes``, back to back.
+
+        Args:
+            buffer: a 1-D array (or ``lead + (total,)`` under vmap) of the total size.
+            shapes: the elements' shapes, in order.
+
+        Returns:
+            Packed: the sequence of the elements.
+        """
         return cls((buffer,), (tuple(tuple(s) for s in shapes),))
 
     @classmethod
     def join(cls, sequences: Any) -> Packed:
-        """The concatenation of ``sequences`` (Packed, tuples or lists), without copying."""
+        """The concatenation of ``sequences`` (Packed, tuples or lists), without copying.
+
+        Args:
+            sequences: the sequences to join, in order.
+
+        Returns:
+            Packed: one sequence whose parts are theirs.
+        """
         parts: list = []
         tails: list = []
         for seq in sequences:
@@ -227,7 +275,11 @@ class Packed(Sequence):
         return Packed(parts, tails)
 
     def describe(self) -> list:
-        """``(shape, dtype)`` of each element (None for None), without slicing."""
+        """``(shape, dtype)`` of each element (None for None), without slicing.
+
+        Returns:
+            list: one ``(shape, dtype)`` tuple or None per element.
+        """
         _, where, _ = _layout(self.tails)
         out = []
         for j, lo, _, shape in where:
@@ -255,7 +307,14 @@ def _unpickle(parts: Any, tails: Any) -> Packed:
 
 
 def describe(seq: Any) -> list:
-    """``(shape, dtype)`` or None for each element of a Packed, tuple or list."""
+    """``(shape, dtype)`` or None for each element of a Packed, tuple or list.
+
+    Args:
+        seq: a :class:`Packed`, tuple or list of arrays (or None).
+
+    Returns:
+        list: one ``(shape, dtype)`` tuple or None per element.
+    """
     if isinstance(seq, Packed):
         return seq.describe()
     return [None if a is None else (tuple(a.shape), a.dtype) for a in seq]
