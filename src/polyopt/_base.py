@@ -159,6 +159,11 @@ class OptState(NamedTuple):
     array's own count (``torch.optim``'s per-parameter ``step``); schedules see ``step``.
     Under ``jax.jit`` the first missing gradient changes the state's structure (one
     recompilation).
+
+    Args:
+        step: the number of updates applied.
+        slots: ``{slot name: tuple of arrays (or None), one per parameter array}``.
+        counts: None, or each array's own update count.
     """
 
     step: Any
@@ -167,8 +172,19 @@ class OptState(NamedTuple):
 
     def per_array(self, n: int | None = None) -> list[dict]:
         """The state as one dict of slots per parameter array, like torch's
-        ``optimizer.state[p]``. ``n``: the number of parameter arrays; needed only
-        for an optimizer that keeps no state (plain SGD), whose ``slots`` is empty."""
+        ``optimizer.state[p]``.
+
+        Args:
+            n: the number of parameter arrays; needed only for an optimizer that keeps
+                no state (plain SGD), whose ``slots`` is empty.
+
+        Returns:
+            list: one ``{slot name: array}`` dict per parameter array (without the
+            slots its group does not use).
+
+        Raises:
+            ValueError: the slots hold different numbers of arrays, or not ``n``.
+        """
         sizes = sorted({len(arrays) for arrays in self.slots.values()})
         if n is None and len(sizes) <= 1:
             n = sizes[0] if sizes else 0
@@ -182,7 +198,15 @@ class OptState(NamedTuple):
 
     @staticmethod
     def slots_from_per_array(per_array: list[Mapping]) -> dict:
-        """The inverse of :meth:`per_array`: ``{name: tuple}`` from one dict per array."""
+        """The inverse of :meth:`per_array`: ``{name: tuple}`` from one dict per array.
+
+        Args:
+            per_array: one ``{slot name: array}`` mapping per parameter array.
+
+        Returns:
+            dict: ``{slot name: tuple}``, None where an array lacks that slot; usable
+            as :attr:`slots`.
+        """
         names = sorted({name for entry in per_array for name in entry})
         return {name: tuple(entry.get(name) for entry in per_array) for name in names}
 
@@ -247,6 +271,17 @@ class Optimizer:
     """A pure optimizer: ``state = opt.init(params)``, ``params, state = opt.update(...)``.
 
     Built by the factories (``polyopt.adamw(...)``); not usually constructed directly.
+
+    Args:
+        rule: the optimizer's math (a :class:`Rule`).
+        hyperparams: the values that differ from the rule's defaults.
+        impl: ``"auto"`` (a fast path where polyopt has one for the params' library,
+            else the generic rule), ``"generic"`` (the rule as written), or ``"fused"``
+            (a fast path required: ValueError at ``init`` / ``update`` without one).
+
+    Raises:
+        ValueError: an unknown ``impl`` or a hyperparameter out of range.
+        TypeError: an unknown hyperparameter name, or a schedule where none is taken.
     """
 
     def __init__(self, rule: Rule, hyperparams: Mapping[str, Any], impl: str = "auto"):
@@ -345,8 +380,22 @@ class Optimizer:
     # -- the pure pair ----------------------------------------------------------------
 
     def init(self, params: Any) -> OptState:
-        """Initial state for ``params`` (one array, a list/tuple, a dict, any pytree, or
-        torch-style groups)."""
+        """Initial state for ``params``.
+
+        Args:
+            params: one array, a list/tuple, a dict, any pytree, or torch-style groups
+                (a list of dicts with a ``"params"`` entry and per-group
+                hyperparameters); arrays of one library, floating point (real or
+                complex).
+
+        Returns:
+            OptState: step 0 and the zero (or initial) state of every array.
+
+        Raises:
+            ValueError: an empty structure, or a hyperparameter a group overrides out
+                of range.
+            TypeError: arrays that are not floating point, or of several libraries.
+        """
         trees, rest, grouped = _tree.split_groups(params)
         return self._init(trees, rest, grouped)
 
@@ -373,9 +422,24 @@ class Optimizer:
     def update(self, params: Any, grads: Any, state: OptState) -> tuple[Any, OptState]:
         """Apply one step; returns ``(new_params, new_state)`` and mutates nothing.
 
-        ``grads`` has the structure of ``params``, with ``None`` for an array that has
-        no gradient this step (it and its state are returned unchanged); with parameter
-        groups, it may be the list of per-group trees (or the group dicts themselves).
+        Args:
+            params: the params, in the structure ``init`` was given.
+            grads: the structure of ``params``, with ``None`` for an array that has no
+                gradient this step (it and its state are returned unchanged); with
+                parameter groups, it may be the list of per-group trees (or the group
+                dicts themselves). Each gradient has its param's shape, dtype, library
+                and device.
+            state: the state from :meth:`init` or the previous ``update``.
+
+        Returns:
+            tuple: ``(new_params, new_state)``; ``new_params`` in the structure (and
+            container types) of ``params``.
+
+        Raises:
+            ValueError: a gradient (shape, dtype, device) or state that does not fit
+                the params (naming the array, e.g. ``grads['w']``), or a schedule value
+                out of range; nothing is changed.
+            TypeError: a gradient of another library.
         """
         params = _tree.materialize(params)
         trees, rest, grouped = _tree.split_groups(params)
@@ -977,6 +1041,12 @@ class StatefulOptimizer:
     to checkpoints as ``param_names``). Each array may appear only once; arrays the
     optimizer cannot write into (read-only NumPy arrays, torch inference tensors) are
     refused. Steps from several threads are serialized; the object pickles and deep-copies.
+
+    Args:
+        params: the parameters: any structure the functional form takes, torch-style
+            groups, or an iterator of arrays or of ``(name, array)`` pairs.
+        **hyperparams: the hyperparameters of the optimizer's factory (the class's
+            signature lists them), checked as the factory checks them.
     """
 
     _factory: Callable[..., Optimizer]
@@ -1032,12 +1102,23 @@ class StatefulOptimizer:
 
     @property
     def step_count(self) -> int:
+        """The number of steps taken (steps where no array had a gradient do not count)."""
         return int(self._state.step)
 
     def step(self, grads: Any = None) -> None:
-        """One update. ``grads`` has the structure of params (``None`` for an array with
-        no gradient this step); for torch tensors it may be omitted to use each
-        parameter's ``.grad`` (a parameter whose ``.grad`` is None is skipped)."""
+        """One update, in place (NumPy, CuPy, torch) or into :attr:`params` (JAX).
+
+        Args:
+            grads: the structure of params (``None`` for an array with no gradient this
+                step); for torch tensors it may be omitted to use each parameter's
+                ``.grad`` (a parameter whose ``.grad`` is None is skipped).
+
+        Raises:
+            ValueError: a gradient that does not fit its param (shape, dtype, device;
+                naming it), or a hyperparameter out of range; params, state and step
+                count are left as they were.
+            TypeError: a gradient of another library.
+        """
         with self._lock:
             if grads is None:
                 grads = self._grads_from_attribute()
@@ -1081,6 +1162,10 @@ class StatefulOptimizer:
         as in torch. After a step in which some array had no gradient, each entry also
         holds that array's own update count as ``"step"`` (torch's per-param step).
         Named params (``named_parameters()``) add ``"param_names"`` to their group.
+
+        Returns:
+            dict: the snapshot, for :meth:`load_state_dict` (and ``pickle`` /
+            ``torch.save``).
         """
         with self._lock:
             xp = self._xp
@@ -1105,7 +1190,16 @@ class StatefulOptimizer:
         """Restore a :meth:`state_dict` snapshot; everything is checked before anything
         changes, and the arrays are copied in (so the snapshot stays independent).
         A malformed dict (hand-edited, or through JSON) gets a ValueError or TypeError
-        that says what is wrong, and changes nothing."""
+        that says what is wrong, and changes nothing.
+
+        Args:
+            state_dict: a snapshot from :meth:`state_dict` of an optimizer of the same
+                kind over params of the same structure, shapes and dtypes.
+
+        Raises:
+            ValueError: structure, shapes or values that do not fit.
+            TypeError: entries of the wrong type.
+        """
         with self._lock:
             self._load(state_dict)
 
@@ -1238,7 +1332,17 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def stateful(factory: Callable[..., Optimizer], name: str) -> type:
-    """Build the torch-like class for an optimizer factory (same hyperparameters)."""
+    """Build the torch-like class for an optimizer factory (same hyperparameters).
+
+    Args:
+        factory: the functional factory (``polyopt.adamw``).
+        name: the class name (``"AdamW"``).
+
+    Returns:
+        type: a :class:`StatefulOptimizer` subclass whose constructor takes ``params``
+        and then the factory's arguments; its docstring is the factory's, with
+        ``params`` added to the arguments and without the factory's Returns section.
+    """
     sig = inspect.signature(factory)
     params = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     cls = type(
@@ -1249,13 +1353,33 @@ def stateful(factory: Callable[..., Optimizer], name: str) -> type:
             "__doc__": (
                 f"Stateful form of :func:`polyopt.{factory.__name__}`: "
                 f"``opt = polyopt.{name}(params, ...)``, ``opt.step(grads)``.\n\n"
-                + (factory.__doc__ or "")
+                + _class_doc(factory.__doc__ or "")
             ),
             "__module__": "polyopt",
         },
     )
     cls.__signature__ = sig.replace(parameters=params + list(sig.parameters.values()))  # type: ignore[attr-defined]
     return cls
+
+
+def _class_doc(doc: str) -> str:
+    """A factory's docstring for its stateful class: ``params`` first among the
+    arguments, no Returns section (the class returns an instance)."""
+    doc = inspect.cleandoc(doc)
+    doc = doc.replace(
+        "\nArgs:\n",
+        "\nArgs:\n    params: the parameters (any structure the functional form takes, "
+        "torch-style\n        groups, or an iterator such as ``model.parameters()``).\n",
+        1,
+    )
+    head, sep, rest = doc.partition("\nReturns:\n")
+    if sep:  # drop the indented block and the blank line after it
+        lines = rest.split("\n")
+        i = 0
+        while i < len(lines) and (lines[i].startswith(" ") or not lines[i]):
+            i += 1
+        doc = head + "\n" + "\n".join(lines[i:])
+    return doc
 
 
 def scalar_sqrt(x: Any, xp: Any) -> Any:
