@@ -52,7 +52,15 @@ IMPLS = ("generic", "fused")
 
 def to_numpy(x: Any) -> np.ndarray:
     """Any supported array as a float64 (complex128 if complex) NumPy array, copied off
-    the device if needed."""
+    the device if needed.
+
+    Args:
+        x: a NumPy, CuPy, torch, JAX, array-api-strict or dask array (or anything
+            ``np.asarray`` takes).
+
+    Returns:
+        np.ndarray: a float64 or complex128 copy.
+    """
     mod = type(x).__module__.split(".")[0]
     if mod == "torch":
         import torch
@@ -70,7 +78,19 @@ def to_numpy(x: Any) -> np.ndarray:
 
 
 def max_error(actual: Any, desired: Any) -> float:
-    """``max |actual - desired| / max |desired|`` in float64 (0 for empty arrays)."""
+    """``max |actual - desired| / max |desired|`` in float64 (0 for empty arrays).
+
+    Args:
+        actual: the array under test (any supported library).
+        desired: the reference, of the same shape.
+
+    Returns:
+        float: the relative error (the absolute one where ``desired`` is all zeros;
+        ``inf`` if ``actual`` holds a NaN or an infinity).
+
+    Raises:
+        AssertionError: the shapes differ.
+    """
     a, d = to_numpy(actual), to_numpy(desired)
     if a.shape != d.shape:
         raise AssertionError(f"shape {a.shape} differs from the reference's {d.shape}")
@@ -84,7 +104,15 @@ def max_error(actual: Any, desired: Any) -> float:
 
 
 def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
-    """``x`` rounded to ``dtype`` and back to float64 (bfloat16: round to nearest even)."""
+    """``x`` rounded to ``dtype`` and back to float64 (bfloat16: round to nearest even).
+
+    Args:
+        x: a float64 (or complex128) NumPy array.
+        dtype: a name of :data:`DTYPES`.
+
+    Returns:
+        np.ndarray: the rounded values, as float64 (complex128 for complex dtypes).
+    """
     if dtype.startswith("complex"):
         return np.asarray(x, dtype=dtype).astype(np.complex128)
     if dtype == "bfloat16":
@@ -104,6 +132,14 @@ class Backend:
     ``form``: "stateful" runs ``polyopt.<Class>(params).step`` (in place: the path NumPy,
     CuPy and torch users take); "jit" runs the functional form under ``jax.jit``;
     "functional" runs it eagerly.
+
+    Args:
+        name: the library's name (``"torch"``).
+        module: the module to import (``"array_api_strict"``).
+        device: ``"cpu"`` or ``"cuda"``.
+        dtypes: the dtypes the library has.
+        form: ``"stateful"``, ``"jit"`` or ``"functional"``, as above.
+        strided: whether the library has non-contiguous views to test.
     """
 
     name: str
@@ -115,10 +151,16 @@ class Backend:
 
     @property
     def label(self) -> str:
+        """The name, with the device unless it is the CPU (``"torch-cuda"``)."""
         return self.name if self.device == "cpu" else f"{self.name}-{self.device}"
 
     def missing(self) -> str | None:
-        """Why this backend cannot run here, or None."""
+        """Why this backend cannot run here, or None.
+
+        Returns:
+            The reason (the library is not installed, with what to install; no CUDA
+            device), or None.
+        """
         if importlib.util.find_spec(self.module) is None:
             if self.name == "dask":
                 return 'dask is not installed (pip install "dask[array]")'
@@ -141,6 +183,14 @@ class Backend:
         return None
 
     def dtype_missing(self, dtype: str) -> str | None:
+        """Why ``dtype`` cannot run on this backend, or None.
+
+        Args:
+            dtype: a name of :data:`DTYPES`.
+
+        Returns:
+            The reason (the library has no such dtype; JAX's x64 mode is off), or None.
+        """
         if dtype not in self.dtypes:
             return f"{self.name} has no {dtype}"
         if self.name == "jax" and dtype in ("float64", "complex128"):
@@ -152,7 +202,16 @@ class Backend:
 
     def array(self, x: np.ndarray, dtype: str, strided: bool) -> Any:
         """``x`` (float64, already rounded to ``dtype``) as this library's array: a new
-        buffer (torch.asarray would share the NumPy buffer, and steps write in place)."""
+        buffer (torch.asarray would share the NumPy buffer, and steps write in place).
+
+        Args:
+            x: the values, a float64 NumPy array.
+            dtype: a name of :data:`DTYPES`.
+            strided: make a non-contiguous view (for libraries that have them).
+
+        Returns:
+            The array, on this backend's device.
+        """
         mod = importlib.import_module(self.module)
         x = np.array(x, copy=True)
         if self.name in ("numpy", "cupy"):
@@ -209,6 +268,15 @@ BACKENDS: tuple[Backend, ...] = (
 
 @dataclass(frozen=True)
 class Cell:
+    """One cell of the matrix.
+
+    Args:
+        case: the row of the case table.
+        backend: the library and device.
+        dtype: a name of :data:`DTYPES`.
+        impl: ``"generic"`` or ``"fused"``.
+    """
+
     case: Case
     backend: Backend
     dtype: str
@@ -216,11 +284,22 @@ class Cell:
 
     @property
     def id(self) -> str:
+        """``case-backend-dtype-impl``, for test ids and reports."""
         return f"{self.case.id}-{self.backend.label}-{self.dtype}-{self.impl}"
 
 
 @dataclass
 class Result:
+    """The outcome of one cell.
+
+    Args:
+        cell: the cell.
+        status: ``"pass"``, ``"fail"`` or ``"skip"``.
+        error: the largest error seen (see :data:`TOLERANCES`).
+        where: which array, state entry and step gave it.
+        reason: why the cell was skipped or failed.
+    """
+
     cell: Cell
     status: str  # "pass" | "fail" | "skip"
     error: float = 0.0  # largest error seen (see TOLERANCES)
@@ -234,7 +313,20 @@ def cells(
     impls: Iterable[str] = IMPLS,
     cases: Iterable[Case] | None = None,
 ) -> list[Cell]:
-    """Every cell of the matrix (filtered by backend labels/names, dtypes, impls)."""
+    """Every cell of the matrix (filtered by backend labels/names, dtypes, impls).
+
+    Args:
+        backends_: backend names or labels (``["numpy", "torch-cuda"]``); None: all of
+            :data:`BACKENDS`.
+        dtypes: dtype names; None: all of :data:`DTYPES` (each case's own dtypes
+            only).
+        impls: ``"generic"`` and/or ``"fused"``.
+        cases: rows of the case table; None: all of :data:`CASES`.
+
+    Returns:
+        list: the :class:`Cell` objects, installed or not (:func:`skip_reason` says
+        which cannot run here).
+    """
     chosen = [
         b for b in BACKENDS if backends_ is None or b.name in backends_ or b.label in backends_
     ]
@@ -283,7 +375,15 @@ _REFERENCES: dict[tuple[str, str], list] = {}
 def reference(case: Case, dtype: str) -> list[tuple[list, dict, Any]]:
     """The NumPy float64 (complex128) trajectory for ``case`` from inputs rounded to
     ``dtype``: ``[(params, slots, counts)]`` after each step (slots and counts as in
-    ``OptState``). Cached."""
+    ``OptState``). Cached.
+
+    Args:
+        case: a row of the case table.
+        dtype: a name of :data:`DTYPES`: the inputs are rounded to it.
+
+    Returns:
+        list: one ``(params, slots, counts)`` tuple per step (:data:`STEPS`).
+    """
     key = (case.id, dtype)
     if key not in _REFERENCES:
         _REFERENCES[key] = _reference(case, dtype)
@@ -322,6 +422,15 @@ def _leaves(case: Case, params: Any) -> list:
 
 
 def skip_reason(cell: Cell) -> str | None:
+    """Why ``cell`` cannot run here, or None.
+
+    Args:
+        cell: a cell of the matrix.
+
+    Returns:
+        The reason (library or device missing, no such dtype, no fused path for this
+        optimizer on this library), or None.
+    """
     b = cell.backend
     reason = b.missing() or b.dtype_missing(cell.dtype)
     if reason:
@@ -334,7 +443,15 @@ def skip_reason(cell: Cell) -> str | None:
 
 
 def run_cell(cell: Cell) -> Result:
-    """Run one cell; never raises for a failing comparison (the Result says so)."""
+    """Run one cell; never raises for a failing comparison (the Result says so).
+
+    Args:
+        cell: a cell of the matrix.
+
+    Returns:
+        Result: ``"skip"`` with the reason, ``"pass"``, or ``"fail"`` with the error,
+        where it was seen, and (for a crash) the exception.
+    """
     reason = skip_reason(cell)
     if reason:
         return Result(cell, "skip", reason=reason)
@@ -419,6 +536,15 @@ def _counts(c: Any) -> Any:
 
 
 def run(cells_: Iterable[Cell], progress: Callable[[Result], None] | None = None) -> list[Result]:
+    """Run cells one after another.
+
+    Args:
+        cells_: the cells (from :func:`cells`).
+        progress: called with each :class:`Result` as it comes.
+
+    Returns:
+        list: the results, in the order of the cells.
+    """
     out = []
     for c in cells_:
         r = run_cell(c)
@@ -432,7 +558,14 @@ def run(cells_: Iterable[Cell], progress: Callable[[Result], None] | None = None
 
 
 def table(results: list[Result]) -> str:
-    """backend × optimizer: passed / failed / skipped cells and the largest error."""
+    """backend × optimizer: passed / failed / skipped cells and the largest error.
+
+    Args:
+        results: results from :func:`run`.
+
+    Returns:
+        str: the table, plain text.
+    """
     names = sorted({r.cell.case.name for r in results}, key=list(OPTIMIZERS).index)
     labels = list(dict.fromkeys(r.cell.backend.label for r in results))
     rows = [["backend", *names]]
@@ -446,7 +579,14 @@ def table(results: list[Result]) -> str:
 
 
 def dtype_table(results: list[Result]) -> str:
-    """backend × dtype: cells run, failures, largest error and its tolerance."""
+    """backend × dtype: cells run, failures, largest error and its tolerance.
+
+    Args:
+        results: results from :func:`run`.
+
+    Returns:
+        str: the table, plain text.
+    """
     labels = list(dict.fromkeys(r.cell.backend.label for r in results))
     dtypes = [d for d in DTYPES if any(r.cell.dtype == d for r in results)]
     rows = [["backend", *[f"{d} (tol {TOLERANCES[d]:g})" for d in dtypes]]]
