@@ -40,10 +40,11 @@ from typing import Any
 import numpy as np
 
 import polyopt
-from polyopt import schedules
+from polyopt import _cli, schedules
 
 __all__ = [
     "BACKENDS",
+    "BackendMissing",
     "BackendUnavailable",
     "DEFAULT_LR",
     "compare",
@@ -106,11 +107,16 @@ class BackendUnavailable(RuntimeError):
     """The requested array library is not installed (or has no usable device)."""
 
 
+class BackendMissing(_cli.MissingDependency, BackendUnavailable):
+    """The requested array library is not installed: the message names the extra that
+    installs it (``polyopt demo`` exits with 2, as for any missing dependency)."""
+
+
 # -- backends ---------------------------------------------------------------------------
 
 
 def _requirements_hint(name: str) -> str:
-    return f"pip install -r backends/{BACKENDS[name]}.txt (in a polyopt checkout)"
+    return f"in a polyopt checkout: pip install -r backends/{BACKENDS[name]}.txt"
 
 
 def load_backend(name: str, dtype: str = "float32", device: str | None = None):
@@ -119,8 +125,9 @@ def load_backend(name: str, dtype: str = "float32", device: str | None = None):
     ``xp`` is the array-API namespace (through array-api-compat where the library needs
     it), ``device`` the device to create arrays on (``None``: the library's default;
     torch picks CUDA when available) and ``dtype`` the ``xp`` float dtype object.
-    Raises :class:`ValueError` for an unknown name and :class:`BackendUnavailable`
-    (naming the requirements file) when the library is not installed.
+    Raises :class:`ValueError` for an unknown name, :class:`BackendMissing` (a
+    :class:`BackendUnavailable`, naming the extra and the requirements file) when the
+    library is not installed and :class:`BackendUnavailable` when CuPy finds no device.
     """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}")
@@ -129,9 +136,8 @@ def load_backend(name: str, dtype: str = "float32", device: str | None = None):
     try:
         lib = importlib.import_module(name)
     except ImportError as e:
-        raise BackendUnavailable(
-            f"backend {name!r} is not installed ({e}); install it with: {_requirements_hint(name)}"
-        ) from None
+        message = _cli.missing_message(name, f"polyopt demo --backend {name}", e)
+        raise BackendMissing(f"{message} ({_requirements_hint(name)})", name=name) from None
     import array_api_compat
 
     if name == "cupy":
@@ -162,9 +168,9 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> dict[str, np.ndar
     Returns NumPy float64 features ``X_train``, ``X_test`` and int labels ``y_train``,
     ``y_test``.
     """
-    from sklearn.datasets import load_digits as _load
+    datasets = _cli.require("sklearn.datasets", "polyopt demo")
 
-    X, y = _load(return_X_y=True)
+    X, y = datasets.load_digits(return_X_y=True)
     perm = np.random.default_rng(seed).permutation(len(y))
     n_test = math.ceil(len(y) * test_fraction)  # as sklearn train_test_split
     test, train = perm[:n_test], perm[n_test:]
@@ -242,53 +248,6 @@ def loss_and_grads(params: dict, X, Y, xp, activation: str = "relu"):
 
 
 # -- training ------------------------------------------------------------------------------
-
-
-class _Progress:
-    """A one-line progress bar on stderr: redrawn in place on a terminal; elsewhere (logs,
-    CI) a plain line every ``log_every`` seconds and one at the end."""
-
-    def __init__(
-        self,
-        total: int,
-        label: str,
-        enabled: bool = True,
-        stream=None,
-        width: int = 24,
-        log_every: float = 10.0,
-    ):
-        self.total, self.label, self.width = total, label, width
-        self.stream = sys.stderr if stream is None else stream
-        self.enabled = enabled
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = self.last = time.perf_counter()
-        self.log_every = log_every
-        if self.tty:
-            self.update(0)
-
-    def update(self, done: int, info: str = "") -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if not self.tty and done != self.total and now - self.last < self.log_every:
-            return
-        self.last = now
-        filled = round(self.width * done / self.total)
-        bar = "#" * filled + "-" * (self.width - filled)
-        line = (
-            f"{self.label} [{bar}] {done:>{len(str(self.total))}}/{self.total} "
-            f"{info}  {now - self.start:5.1f}s"
-        )
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def _accuracy(params, X, y_idx, xp, activation) -> float:
@@ -449,8 +408,8 @@ def run(
         "sizes": sizes,
         "n_test": arrays["X_test"].shape[0],
     }
-    bar = _Progress(epochs, label or f"{optimizer:>7}", enabled=progress)
-    with _one_blas_thread(backend):
+    bar = _cli.progress(epochs, label or f"{optimizer:>7}", enabled=progress, unit="epoch")
+    with _one_blas_thread(backend), bar:
         summary.update(
             _train(
                 step,
@@ -490,7 +449,7 @@ def _train(step, params, arrays, xp, dev, activation, epochs, batch_size, rng, b
     n_train = X_train.shape[0]
     history: dict[str, list[float]] = {"train_loss": [], "test_acc": []}
     start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    for _ in range(epochs):
         perm = rng.permutation(n_train)
         total = 0.0
         for i in range(0, n_train, batch_size):
@@ -502,10 +461,12 @@ def _train(step, params, arrays, xp, dev, activation, epochs, batch_size, rng, b
         test_acc = _accuracy(params, arrays["X_test"], arrays["y_test"], xp, activation)
         history["train_loss"].append(train_loss)
         history["test_acc"].append(test_acc)
-        if not math.isfinite(train_loss):
-            bar.update(epoch, f"loss {train_loss}")
+        finite = math.isfinite(train_loss)
+        info = f"loss {train_loss:.4f}, test acc {test_acc:.3f}" if finite else f"loss {train_loss}"
+        bar.set_postfix_str(info, refresh=False)
+        bar.update(1)
+        if not finite:
             break
-        bar.update(epoch, f"loss {train_loss:.4f}  test acc {test_acc:.3f}")
     bar.close()
     seconds = time.perf_counter() - start
     return {
@@ -588,7 +549,7 @@ def plot_comparison(results: dict[str, list[dict]], out: str) -> str:
     seeds with a min-max band); return its path."""
     # A bare Figure, no pyplot: renders with Agg whatever backend is selected, opens no
     # window and changes no global matplotlib state.
-    from matplotlib.figure import Figure
+    Figure = _cli.require("matplotlib.figure", "polyopt demo").Figure
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     first = results["adam_l2"][0]
@@ -669,17 +630,20 @@ def build_parser(prog: str = "polyopt demo") -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    classes = {cls.__name__: name for name, (_, cls) in polyopt.OPTIMIZERS.items()}
     p.add_argument(
         "--backend",
         default="numpy",
+        type=_cli.Names("backend", BACKENDS, {"strict": "array_api_strict"}),
         choices=list(BACKENDS),
         help="array library to train with (imported only when chosen)",
     )
     p.add_argument(
         "--optimizer",
         default="adamw",
+        type=_cli.Names("optimizer", polyopt.OPTIMIZERS, classes),
         choices=list(polyopt.OPTIMIZERS),
-        help="optimizer of the main run",
+        help="optimizer of the main run (class names such as AdamW are accepted too)",
     )
     p.add_argument("--epochs", type=int, default=EPOCHS, help="epochs of every run")
     p.add_argument(
@@ -698,17 +662,24 @@ def build_parser(prog: str = "polyopt demo") -> argparse.ArgumentParser:
     p.add_argument(
         "--schedule",
         default="cosine",
+        type=_cli.Names("schedule", ["cosine", "constant"]),
         choices=["cosine", "constant"],
         help="learning-rate schedule of the main run",
     )
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="minibatch size of every run")
     p.add_argument(
         "--seed",
         type=int,
         default=0,
         help="data split; initial weights and batch order of the main run",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        type=_cli.Names("dtype", ["float32", "float64"]),
+        choices=["float32", "float64"],
+        help="float dtype of the data, the params and the optimizer state",
+    )
     p.add_argument(
         "--device",
         default=None,
@@ -739,7 +710,7 @@ def build_parser(prog: str = "polyopt demo") -> argparse.ArgumentParser:
     g.add_argument(
         "--no-compare", action="store_true", help="main run only: skip the comparison (and the PNG)"
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
     return p
 
 
@@ -747,8 +718,10 @@ def run_demo(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` and run the demo; return ``{"main": run, "compare": {"adam_l2":
     [runs], "adamw": [runs]} or None, "png": path or None}``.
 
-    Raises :class:`SystemExit` on bad arguments and :class:`BackendUnavailable` when
-    the backend is not installed; :func:`main` turns both into exit codes.
+    Raises :class:`SystemExit` on bad arguments, :class:`polyopt._cli.MissingDependency`
+    when scikit-learn, matplotlib (unless ``--no-plot``) or the backend is not installed
+    (:class:`BackendMissing` for the backend) and :class:`BackendUnavailable` when the
+    backend has no usable device; :func:`main` turns them into exit codes.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -757,7 +730,14 @@ def run_demo(argv: Sequence[str] | None = None) -> dict[str, Any]:
             parser.error(
                 f"argument --{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}"
             )
-    load_backend(args.backend, args.dtype, args.device)  # fail early and clearly
+    # Every dependency checked before the first epoch, each a one-line message
+    _cli.require("sklearn.datasets", "polyopt demo")
+    if not (args.no_plot or args.no_compare):
+        try:
+            _cli.require("matplotlib.figure", "polyopt demo")
+        except _cli.MissingDependency as e:
+            raise _cli.MissingDependency(f"{e} (or pass --no-plot)", name=e.name) from None
+    load_backend(args.backend, args.dtype, args.device)
     common = dict(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -846,11 +826,15 @@ def _print_table(results: dict[str, list[dict]], n_test: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``polyopt demo [options]``: returns the exit code (0 ok, 1 backend missing, 2 usage)."""
+    """``polyopt demo [options]``: returns the exit code (0 ok, 1 the backend has no
+    usable device, 2 a usage error or a missing dependency, named in one line)."""
     try:
         run_demo(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except _cli.MissingDependency as e:  # BackendMissing too
+        print(e, file=sys.stderr)
+        return 2
     except BackendUnavailable as e:
         print(f"polyopt demo: error: {e}", file=sys.stderr)
         return 1
