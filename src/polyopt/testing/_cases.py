@@ -28,7 +28,12 @@ from .. import OPTIMIZERS, schedules
 
 @dataclass(frozen=True)
 class Sched:
-    """A schedule spec: ``kind`` names a polyopt.schedules function, ``args`` its kwargs."""
+    """A schedule spec: ``kind`` names a polyopt.schedules function, ``args`` its kwargs.
+
+    Args:
+        kind: a name in ``polyopt.schedules`` (``"cosine"``).
+        args: its keyword arguments (which may hold other specs, for ``join``).
+    """
 
     kind: str
     args: dict = field(default_factory=dict)
@@ -41,7 +46,17 @@ class Case:
     ``missing``: ``(step, array)`` pairs (0-based) whose gradient is ``None``: that
     array skips that step; ``(step, ALL)`` makes every gradient of the step None.
     ``dtypes``: the dtypes the case runs in (None: all). ``tags``: :data:`FULL` or
-    :data:`SCHEDULED` on the row :func:`richest` gives for its optimizer."""
+    :data:`SCHEDULED` on the row :func:`richest` gives for its optimizer.
+
+    Args:
+        id: the row's unique name (``"adamw-amsgrad"``).
+        name: the optimizer, a key of ``polyopt.OPTIMIZERS``.
+        hyperparams: keyword arguments of its factory (:class:`Sched` for schedules).
+        groups: per-group overrides, as above.
+        missing: ``(step, array)`` pairs with no gradient, as above.
+        dtypes: the dtypes the case runs in (None: all).
+        tags: :data:`FULL` and/or :data:`SCHEDULED`.
+    """
 
     id: str
     name: str
@@ -52,7 +67,15 @@ class Case:
     tags: tuple = ()
 
     def grads_at(self, step: int, grads: list) -> list:
-        """``grads`` (one step's list) with the case's missing gradients set to None."""
+        """``grads`` (one step's list) with the case's missing gradients set to None.
+
+        Args:
+            step: the 0-based step.
+            grads: that step's gradients, one per array.
+
+        Returns:
+            list: the gradients, None where the case has none at ``step``.
+        """
         gone = {i for k, i in self.missing if k == step}
         if ALL in gone:
             return [None] * len(grads)
@@ -100,6 +123,15 @@ MISSING = ((0, 2), (1, 2), (2, 0), (3, ALL), (5, 2), (6, 0), (8, 2), (9, 0))
 
 
 def S(kind: str, **args: Any) -> Sched:
+    """Shorthand for a :class:`Sched`: ``S("cosine", lr=0.1, T_max=30)``.
+
+    Args:
+        kind: a name in ``polyopt.schedules``.
+        **args: its keyword arguments.
+
+    Returns:
+        Sched: the spec.
+    """
     return Sched(kind, args)
 
 
@@ -512,13 +544,31 @@ CASE_IDS = [c.id for c in CASES]
 
 
 def tagged(tag: str) -> list[Case]:
-    """The rows carrying ``tag`` (:data:`FULL`, :data:`SCHEDULED`), in table order."""
+    """The rows carrying ``tag`` (:data:`FULL`, :data:`SCHEDULED`), in table order.
+
+    Args:
+        tag: :data:`FULL` or :data:`SCHEDULED`.
+
+    Returns:
+        list: the :class:`Case` rows.
+    """
     return [c for c in CASES if tag in c.tags]
 
 
 def richest(name: str, tag: str = FULL) -> Case:
     """The one row of optimizer ``name`` tagged ``tag``: the configuration a test that
-    runs one per optimizer uses. A LookupError names the optimizer if it has none."""
+    runs one per optimizer uses.
+
+    Args:
+        name: a key of ``polyopt.OPTIMIZERS`` that :data:`NAMES` holds.
+        tag: :data:`FULL` (plain numbers) or :data:`SCHEDULED` (schedules).
+
+    Returns:
+        Case: the row.
+
+    Raises:
+        LookupError: the table has no such row (or several), naming the optimizer.
+    """
     rows = [c for c in tagged(tag) if c.name == name]
     if len(rows) != 1:
         ids = [c.id for c in rows]
@@ -547,6 +597,14 @@ def polyopt_schedule(kind: str, **args: Any) -> Any:
 
 
 def polyopt_hyperparams(case: Case) -> dict:
+    """The case's hyperparameters with every :class:`Sched` built as a polyopt schedule.
+
+    Args:
+        case: a row of the case table.
+
+    Returns:
+        dict: keyword arguments for the optimizer's factory.
+    """
     return resolve_hyperparams(case, polyopt_schedule)
 
 
@@ -567,6 +625,17 @@ def make_problem(
     All are ``np.ndarray`` (0-d arrays included), from a fixed-seed Generator.
     ``complex=True``: complex128 arrays, real and imaginary parts drawn independently
     (the real parts are the float64 problem's).
+
+    Args:
+        steps: the number of gradient lists to make.
+        seed: the Generator's seed (the same seed gives the same problem).
+        shapes: the arrays' shapes (by default a 0-d array, an empty one, a vector of
+            7 and a 3 × 4 matrix).
+        complex: make complex128 arrays.
+
+    Returns:
+        tuple: ``(params, grads)``: a list of arrays, and ``steps`` lists of gradients
+        of the same shapes.
     """
     if complex:
         re_p, re_g = make_problem(steps, seed, shapes)
