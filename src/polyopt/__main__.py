@@ -3,8 +3,12 @@
 Each subcommand is a module function ``main(argv) -> exit code`` that parses its own
 options; :data:`COMMANDS` maps the name to it and is imported only when the command runs,
 so ``polyopt --help`` stays fast and a command's dependencies (scikit-learn, matplotlib,
-a backend) are needed only by that command. To add one (``conformance``, ``bench``...),
-add an entry here.
+a backend) are needed only by that command. To add one, add an entry to
+:data:`COMMANDS` and to :data:`PARSERS`.
+
+The conventions every command follows (comma lists, names listed in every "unknown"
+error, missing dependencies as one line naming the extra, tqdm progress on stderr
+silenced by ``-q``) live in :mod:`polyopt._cli`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import _cli
 
 #: name -> ("module:function", one-line help). The function takes the argument list
 #: after the command name and returns an exit code.
@@ -23,13 +30,33 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "conformance": (
         "polyopt.conformance:main",
-        "check every installed backend against the NumPy float64 reference; exit 1 on failure",
+        "check every installed backend against the NumPy float64 reference; "
+        "exit 1 on a failure or when nothing ran",
     ),
     "bench": (
         "polyopt.bench:main",
         "time one fp32 AdamW step against torch.optim, optax and the 28 bytes/param floor",
     ),
 }
+
+
+#: name -> "module:function" returning the command's argparse parser (for its help and
+#: for the test that every flag of every command has help text).
+PARSERS: dict[str, str] = {
+    "demo": "polyopt.demo:build_parser",
+    "conformance": "polyopt.conformance:build_parser",
+    "bench": "polyopt.bench:_parser",
+}
+
+
+def _load(target: str) -> Any:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of subcommand ``name`` (imports its module)."""
+    return _load(PARSERS[name])()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,16 +72,24 @@ def _parser() -> argparse.ArgumentParser:
         epilog=f"commands:\n{commands}\n\n'polyopt COMMAND --help' shows a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"polyopt {__version__}")
-    p.add_argument("command", metavar="COMMAND", choices=list(COMMANDS), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"polyopt {__version__}",
+        help="print polyopt's version and exit",
+    )
+    p.add_argument(
+        "command",
+        metavar="COMMAND",
+        choices=list(COMMANDS),
+        help=f"the command to run: {', '.join(COMMANDS)} (see below)",
+    )
     return p
 
 
 def command(name: str) -> Callable[[Sequence[str]], int]:
     """The function that runs subcommand ``name`` (imports its module)."""
-    target, _ = COMMANDS[name]
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
+    return _load(COMMANDS[name][0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,7 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else 0
         return 2  # pragma: no cover - parse_args exits for every non-command
-    code = command(argv[0])(argv[1:])
+    try:
+        code = command(argv[0])(argv[1:])
+    except SystemExit as e:  # a command's argparse: --help (0) or a usage error (2)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except _cli.MissingDependency as e:  # one line naming the extra, never a traceback
+        print(e, file=sys.stderr)
+        return 2
     return int(code or 0)
 
 
