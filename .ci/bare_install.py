@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 #: Modules this environment must not have, or the checks below prove nothing.
-ABSENT = ("torch", "jax", "optax", "sklearn", "matplotlib", "numba", "cupy")
+ABSENT = ("torch", "jax", "optax", "sklearn", "matplotlib", "numba", "cupy", "array_api_strict")
 
 #: (module, extra): importing the module raises an ImportError naming the extra.
 IMPORTS = [("polyopt.torch", "torch"), ("polyopt.optax", "jax")]
@@ -26,7 +26,11 @@ IMPORTS = [("polyopt.torch", "torch"), ("polyopt.optax", "jax")]
 COMMANDS = [
     (["demo"], ["demo"], True),
     (["conformance", "--backend", "torch"], ["torch"], True),
-    (["bench", "--quick"], ["torch", "jax"], False),  # NumPy rows run; the peers name extras
+    (["conformance", "--backend", "jax"], ["jax"], True),
+    (["conformance", "--backend", "cupy"], ["cupy"], True),
+    (["conformance", "--backend", "array_api_strict"], ["strict"], True),
+    # The NumPy rows run; the rows of the missing libraries name their extras.
+    (["bench", "--quick"], ["torch", "jax", "fast"], False),
 ]
 
 TIMEOUT_S = 300
