@@ -105,6 +105,8 @@ DEFAULTS = {
     "lamb": dict(
         lr=1e-3, betas=(0.9, 0.999), eps=1e-6, eps_root=0.0, weight_decay=0.0, maximize=False
     ),
+    # Keskar & Socher (2017), Algorithm 1: eps = 1e-9 (Adam's and the criterion's)
+    "swats": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-9, weight_decay=0.0, maximize=False),
     # optax.contrib.schedule_free_adamw's defaults
     "schedule_free_adamw": dict(
         lr=0.0025,
@@ -401,6 +403,56 @@ def schedule_free_adamw(theta, grad, state, t, lr, wd, hp):
     return beta1 * x + (1.0 - beta1) * z
 
 
+def swats(thetas, grads, states, group, t, lr, wd, hp):
+    """Keskar & Socher (2017), Algorithm 1, on the whole group as one vector w (the
+    arrays joined), as the paper writes it. ``group`` holds the group's own state (the
+    reference's: phase, m, a, v, λ, Λ); each array's view of it goes to ``states``."""
+    b1, b2 = hp["betas"]
+    eps = hp["eps"]
+    sizes = [th.size for th in thetas]
+    w = np.concatenate([th.ravel() for th in thetas])
+    g = np.concatenate([np.ravel(x) for x in grads])
+    if hp["maximize"]:
+        g = -g
+    g = g + wd * w  # coupled L2 (the paper has none)
+    if not group:
+        group.update(phase="adam", m=0 * w, a=0 * w, v=0 * w, lam=0.0, Lam=0.0, k_sw=0)
+    if group["phase"] == "sgd":
+        group["v"] = b1 * group["v"] + g
+        w = w - (1 - b1) * group["Lam"] * group["v"]
+    else:
+        group["m"] = b1 * group["m"] + (1 - b1) * g
+        group["a"] = b2 * group["a"] + (1 - b2) * g * g
+        alpha = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+        p = -alpha * group["m"] / (np.sqrt(group["a"]) + eps)
+        w = w + p
+        if p @ g != 0:
+            gamma = (p @ p) / -(p @ g)
+            group["lam"] = b2 * group["lam"] + (1 - b2) * gamma
+            lam_hat = group["lam"] / (1 - b2**t)
+            if t > 1 and abs(lam_hat - gamma) < eps:
+                group.update(phase="sgd", v=0 * w, Lam=lam_hat, k_sw=t)
+    out, start = [], 0
+    for i, (th, n) in enumerate(zip(thetas, sizes)):
+        sl = slice(start, start + n)
+        states[i].update(
+            exp_avg=group["m"][sl].reshape(th.shape),
+            exp_avg_sq=group["a"][sl].reshape(th.shape),
+            momentum_buffer=group["v"][sl].reshape(th.shape),
+            gamma_avg=np.float64(group["lam"]),
+            sgd_lr=np.float64(group["Lam"]),
+            switch_step=np.float64(group["k_sw"]),
+        )
+        out.append(w[sl].reshape(th.shape))
+        start += n
+    return out
+
+
+#: Optimizers whose step sees the whole group at once:
+#: ``(thetas, grads, states, group, t, lr, wd, hp) -> thetas``.
+GROUP_STEPS: dict[str, Callable] = {"swats": swats}
+
+
 STEPS: dict[str, Callable] = {
     "sgd": sgd,
     "adagrad": adagrad,
@@ -438,13 +490,18 @@ def reference_run(
     unknown = set(hyperparams) - set(DEFAULTS[name])
     if unknown:
         raise TypeError(f"reference {name} has no hyperparameter(s) {sorted(unknown)}")
-    step = STEPS[name]
     thetas = [np.array(p, dtype=np.float64, copy=True) for p in p0]
     states: list[dict] = [{} for _ in thetas]
     history = []
+    group: dict = {}
     for k, grads in enumerate(grads_sequence):
         t = k + 1
         lr, wd = _at(hp["lr"], k), _at(hp["weight_decay"], k)
+        if name in GROUP_STEPS:
+            thetas = GROUP_STEPS[name](thetas, grads, states, group, t, lr, wd, hp)
+            history.append(([th.copy() for th in thetas], copy.deepcopy(states)))
+            continue
+        step = STEPS[name]
         for i, g in enumerate(grads):
             thetas[i] = np.asarray(
                 step(thetas[i], np.asarray(g, np.float64), states[i], t, lr, wd, hp)

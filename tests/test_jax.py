@@ -162,6 +162,7 @@ def test_donated_buffers_are_reused(name):
     state = opt.init(params)
     for k, g in enumerate(gs):
         donated = jax.tree_util.tree_leaves((params, state))
+        old_slots = state.slots
         assert any(x is state.step for x in donated)  # the step count is donated too
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -169,7 +170,10 @@ def test_donated_buffers_are_reused(name):
             jax.block_until_ready((params, state))
         messages = [str(w.message) for w in caught]
         assert not [m for m in messages if "donated" in m.lower()], messages
-        deleted = [x.is_deleted() for x in donated]
+        # a group's shared numbers (Rule.shared: SWATS's switch) are one value that
+        # every array's 0-d copy takes, so XLA may return one buffer for all the copies
+        shared = {id(x) for n in opt.rule.shared for x in old_slots[n][1:]}
+        deleted = [x.is_deleted() for x in donated if id(x) not in shared]
         assert all(deleted), f"{name} step {k + 1}: donated buffers not deleted: {deleted}"
         assert_same_step(params, state.slots, ref[k], f"{name} donated step {k + 1}")
 

@@ -28,6 +28,7 @@ from .rules.radam import radam
 from .rules.rmsprop import rmsprop
 from .rules.schedule_free import schedule_free_adamw, schedule_free_eval_params
 from .rules.sgd import sgd
+from .rules.swats import swats, swats_switches
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ Adafactor = stateful(adafactor, "Adafactor")
 Lamb = stateful(lamb, "Lamb")
 ScheduleFreeAdamW = stateful(schedule_free_adamw, "ScheduleFreeAdamW")
 Muon = stateful(muon, "Muon")
+SWATS = stateful(swats, "SWATS")
 
 #: Every optimizer: (functional factory, stateful class). Tests hold each to the table.
 OPTIMIZERS = {
@@ -62,6 +64,7 @@ OPTIMIZERS = {
     "lamb": (lamb, Lamb),
     "schedule_free_adamw": (schedule_free_adamw, ScheduleFreeAdamW),
     "muon": (muon, Muon),
+    "swats": (swats, SWATS),
 }
 
 __all__ = [
@@ -82,6 +85,7 @@ __all__ = [
     "RAdam",
     "RMSprop",
     "SGD",
+    "SWATS",
     "ScheduleFreeAdamW",
     "StatefulOptimizer",
     "adadelta",
@@ -102,4 +106,6 @@ __all__ = [
     "schedules",
     "sgd",
     "stateful",
+    "swats",
+    "swats_switches",
 ]

@@ -50,6 +50,9 @@ IMPLS = ("auto", "generic", "fused")
 #: Key set in a group's evaluated hyperparameters when one of them is an array (cast to
 #: the compute dtype per array by :meth:`Optimizer.step_args`).
 ARRAYS = "_arrays"
+#: Key of the statistics list a group's generic step returns beside its slots, for
+#: :attr:`Rule.group` (never a slot name: slots are identifiers).
+_STATS = "<stats>"
 _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
 
@@ -79,6 +82,14 @@ class Rule:
     - ``for_dtype(hp, dtype, xp)``: hyperparameters that depend on the param's own
       (storage) dtype, resolved before the step casts to the compute dtype (Adafactor's
       ``eps=(None, ...)``: torch's "the param dtype's eps").
+    - ``group(stats, shared, hp, t, xp)``: for a rule whose state includes numbers of
+      the whole parameter group (SWATS's switch criterion). ``step`` may return, besides
+      its slots, *statistics* of its array (entries of ``new_s`` that are not slots: 0-d
+      arrays, say sums over the array); after every array of a group has stepped,
+      ``group`` gets the list of their statistics (arrays without a gradient give
+      none), ``shared``, the group's values of the slots named in :attr:`shared` (0-d
+      slots, one copy per array, all equal), and ``t``, the group's update count; it
+      returns their new values, which every array's copy takes.
 
     A rule whose ``step`` is built by :func:`two_part` also exposes its two halves as
     :attr:`parts`, so a fast path can run the state update over many arrays at once
@@ -96,6 +107,8 @@ class Rule:
     layout: Callable[[tuple, dict], Mapping[str, tuple | None]] | None = None
     for_dtype: Callable[[dict, Any, Any], dict] | None = None
     counted: Callable[[dict, int], Mapping[str, float]] | None = None
+    group: Callable[..., Mapping[str, Any]] | None = None
+    shared: tuple[str, ...] = ()
 
     @property
     def parts(self) -> tuple[Callable, Callable] | None:
@@ -543,8 +556,12 @@ class Optimizer:
         def assemble() -> tuple[list, OptState]:
             new_leaves = list(leaves)
             columns: list = [None] * len(sizes)
+            stats: list = [[] for _ in sizes]  # Rule.group's statistics, per group
             for gi, where, thunk in tasks:
                 ps, ss = thunk()
+                if _STATS in ss:
+                    ss = dict(ss)
+                    stats[gi] += ss.pop(_STATS)
                 a, m = starts[gi], sizes[gi]
                 if where is None:
                     new_leaves[a : a + m] = ps
@@ -566,6 +583,10 @@ class Optimizer:
                     a, m = starts[gi], sizes[gi]
                     names = self.rule.slots(hps[gi])
                     columns[gi] = (m, {n: state.slots[n][a : a + m] for n in names})
+            if self.rule.group is not None:
+                for gi, st in enumerate(stats):
+                    if st:
+                        columns[gi] = (sizes[gi], self._shared(xp, columns[gi][1], st, hps[gi], k))
             if inplace:
                 for dst, src in zip(leaves, new_leaves):
                     if dst is not src:  # a fast path may have written in place already
@@ -604,12 +625,36 @@ class Optimizer:
         names = tuple(slots)
         new_params: list = []
         new_slots: dict = {name: [] for name in names}
+        stats: list = []
         for j, (p, g) in enumerate(zip(params, grads)):
             new_p, new_s = self._step_one(xp, p, g, {n: slots[n][j] for n in names}, hp, k)
             new_params.append(new_p)
             for name in names:
                 new_slots[name].append(new_s[name])
+            if self.rule.group is not None:
+                stats.append({n: v for n, v in new_s.items() if n not in slots})
+        if self.rule.group is not None:
+            new_slots[_STATS] = stats
         return new_params, new_slots
+
+    def _shared(self, xp, cols: dict, stats: list, hp: dict, k: Any) -> dict:
+        """A group's slots with its shared numbers (:attr:`Rule.shared`) updated by
+        :attr:`Rule.group` from the statistics of the arrays that stepped: every array
+        whose state holds them takes the new values, in its own dtype."""
+        first = next(a for a in cols[self.rule.shared[0]] if a is not None)
+        cdt, hp, t = Optimizer.step_args(xp, first.dtype, hp, k)
+        shared = {
+            n: xp.astype(next(a for a in cols[n] if a is not None), cdt) for n in self.rule.shared
+        }
+        stats = [{n: xp.astype(v, cdt) for n, v in s.items()} for s in stats]
+        new = self.rule.group(stats, shared, hp, t, xp)
+        out = dict(cols)
+        for name, value in new.items():
+            out[name] = tuple(
+                None if a is None else _xp.as_array(xp, xp.astype(value, a.dtype))
+                for a in cols[name]
+            )
+        return out
 
     @staticmethod
     def step_args(xp: Any, dtype: Any, hp: dict, k: Any) -> tuple[Any, dict, Any]:
@@ -629,7 +674,7 @@ class Optimizer:
         if self.rule.layout is not None:  # the rule sees this array's own slots only
             mine = {n: a for n, a in slots.items() if a is not None}
             new_p, new_s = self._step_arrays(xp, p, g, mine, hp, k)
-            return new_p, {n: new_s.get(n) for n in slots}
+            return new_p, {**new_s, **{n: new_s.get(n) for n in slots}}
         return self._step_arrays(xp, p, g, slots, hp, k)
 
     def _step_arrays(self, xp, p, g, slots, hp, k):
@@ -641,7 +686,8 @@ class Optimizer:
             s_c = {n: xp.astype(v, cdt) for n, v in slots.items()}
             new_p, new_s = self.rule.step(p_c, g_c, s_c, hp, t, xp)
             new_p = xp.astype(new_p, p.dtype)
-            new_s = {n: xp.astype(v, p.dtype) for n, v in new_s.items()}
+            # slots are stored in the param's dtype; statistics (Rule.group) stay exact
+            new_s = {n: xp.astype(v, p.dtype) if n in slots else v for n, v in new_s.items()}
         else:
             new_p, new_s = self.rule.step(p, g, dict(slots), hp, t, xp)
         return _xp.as_array(xp, new_p), {n: _xp.as_array(xp, v) for n, v in new_s.items()}

@@ -84,6 +84,7 @@ DEFAULT_LR = {
     "lamb": 1e-2,
     "schedule_free_adamw": 2.5e-3,
     "muon": 0.02,
+    "swats": 1e-3,
 }
 #: Muon takes matrices only: the biases train with AdamW at this learning rate (as
 #: torch's documentation pairs them).

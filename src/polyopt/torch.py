@@ -342,9 +342,15 @@ def _run(opt: _Adapter, grad_scale: Any, found_inf: Any) -> None:
                         if g is not None:
                             p.grad.copy_(g)
             _, new_state = commit()
+            shared = rule.shared  # a group's numbers: every param with state takes them
             for name, column in new_state.slots.items():
+                mine = name in shared
                 for v, x, new in zip(views, present, column):
-                    if x and new is not None and v.get(name) is not new:
+                    if (
+                        (x or mine and v is not _EMPTY)
+                        and new is not None
+                        and v.get(name) is not new
+                    ):
                         v[name] = new  # the param's state dict (or its new entry)
             if counted:
                 skipped = found_inf if on_device else None

@@ -113,7 +113,7 @@ SCHEDULED = "scheduled"
 _MISSING_DTYPES = ("float64", "float32", "complex128")
 
 #: Adafactor refuses complex params (a factored moment of a pair of reals means nothing;
-#: torch refuses them too).
+#: torch refuses them too); so does SWATS (its criterion projects real steps).
 _REAL_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 #: A pattern of missing gradients over the matrix's steps (arrays: 0-d, empty, (7,),
@@ -404,6 +404,34 @@ CASES += [
         dict(lr=0.01, weight_decay=S("cosine", lr=0.1, T_max=30), warmup_steps=3),
         tags=(SCHEDULED,),
     ),
+    # -- SWATS (switches on these gradients: at step 88, 5, 38; the default never) -----
+    Case("swats-default", "swats", dict(), dtypes=_REAL_DTYPES),
+    Case(
+        "swats-betas-wd-maximize",
+        "swats",
+        dict(lr=0.02, betas=(0.8, 0.99), eps=1.5e-2, weight_decay=0.05, maximize=True),
+        tags=(FULL,),
+        dtypes=_REAL_DTYPES,
+    ),
+    Case(
+        "swats-cosine-wd-schedule",
+        "swats",
+        dict(
+            lr=S("cosine", lr=0.01, T_max=30),
+            eps=2.5e-3,
+            weight_decay=S("cosine", lr=0.05, T_max=30),
+        ),
+        tags=(SCHEDULED,),
+        dtypes=_REAL_DTYPES,
+    ),
+    Case("swats-switch", "swats", dict(lr=0.01, eps=1e-3), dtypes=_REAL_DTYPES),
+    Case(
+        "swats-groups",
+        "swats",
+        dict(lr=0.01, eps=1e-3),
+        groups=(dict(), dict(eps=1e-9)),
+        dtypes=("float64", "float32"),  # a group of one scalar: λ cancels towards 0
+    ),
     # -- Lion ------------------------------------------------------------------------
     Case("lion-default", "lion", dict()),
     Case("lion-betas-wd", "lion", dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1), tags=(FULL,)),
@@ -529,6 +557,13 @@ CASES += [
         dict(lr=0.01, warmup_steps=3),
         missing=MISSING,
         dtypes=_MISSING_DTYPES,
+    ),
+    Case(
+        "swats-missing",
+        "swats",
+        dict(lr=0.01, eps=1e-3),
+        missing=MISSING,
+        dtypes=("float64", "float32"),
     ),
     Case(
         "adamw-groups-missing",
