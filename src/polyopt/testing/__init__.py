@@ -112,6 +112,18 @@ def assert_close(
     ``actual`` may be any library's array; ``desired`` is the reference (float64).
     The error is ``max |actual - desired| / max |desired|``; the tolerance is ``tol`` or
     :data:`TOLERANCES` for ``dtype`` (float64's if neither is given).
+
+    Args:
+        actual: the array under test, of any supported library.
+        desired: the reference (a float64 NumPy array, say from :func:`reference`).
+        dtype: the dtype name ``actual`` must have (``"float32"``); also picks the
+            tolerance. None: the dtype is not checked.
+        tol: the tolerance, overriding the dtype's.
+        what: the name the error message gives the array (``"params[1]"``).
+
+    Raises:
+        AssertionError: the shape, the dtype or the values differ, saying which and
+            by how much.
     """
     if tuple(actual.shape) != tuple(desired.shape):
         raise AssertionError(
