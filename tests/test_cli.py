@@ -189,6 +189,16 @@ def test_no_cell_at_all_is_exit_1(capsys):
     assert "nothing to run: no case of adafactor runs in complex64" in err
 
 
+def test_output_piped_into_head_is_not_a_traceback():
+    # `polyopt conformance ... | head -1`: the reader is gone before the output comes
+    cmd = [sys.executable, "-m", "polyopt", "conformance", "--optimizer", "sgd", *SMALL]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_help_exits_zero(capsys):
     for name in COMMANDS:
         assert cli([name, "--help"]) == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -107,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2  # pragma: no cover - parse_args exits for every non-command
     try:
         code = command(argv[0])(argv[1:])
+        sys.stdout.flush()  # a closed pipe fails here, not at exit
     except SystemExit as e:  # a command's argparse: --help (0) or a usage error (2)
         if e.code is None or isinstance(e.code, int):
             return e.code or 0
@@ -115,7 +117,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _cli.MissingDependency as e:  # one line naming the extra, never a traceback
         print(e, file=sys.stderr)
         return 2
+    except BrokenPipeError:  # piped into `head` and the like, which stopped reading
+        _discard_stdout()
+        return 1
     return int(code or 0)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so that the flush at exit cannot fail again
+    (Python's documented recipe for SIGPIPE)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":
