@@ -173,7 +173,7 @@ class OptState(NamedTuple):
     Under ``jax.jit`` the first missing gradient changes the state's structure (one
     recompilation).
 
-    Args:
+    Attributes:
         step: the number of updates applied.
         slots: ``{slot name: tuple of arrays (or None), one per parameter array}``.
         counts: None, or each array's own update count.

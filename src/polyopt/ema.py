@@ -25,7 +25,7 @@ from . import _tree, _validate, _xp
 class EMAState(NamedTuple):
     """The functional EMA's state.
 
-    Args:
+    Attributes:
         count: updates so far (a Python int; a 0-d int32 array for JAX).
         averaged: the averaged params, in the params' structure.
     """
