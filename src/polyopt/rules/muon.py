@@ -234,6 +234,33 @@ def muon(
 
     State per array: ``momentum_buffer`` (the param's shape; torch's name).
 
+    Args:
+        lr: learning rate γ (>= 0): a number, a 0-d array of the params' library (a torch
+            tensor, a JAX array or tracer), or a schedule, a function of the step count such
+            as ``polyopt.schedules.cosine(1e-3, T_max=1000)``.
+        weight_decay: λ (>= 0), decoupled: ``p ← p·(1 − γ_t λ)`` (scaled by γ_t, not by
+            s·γ_t). A number, a 0-d array or a schedule.
+        momentum: μ (>= 0): the EMA rate of the momentum buffer.
+        nesterov: use the Nesterov mix ``g + μ (B − g)`` rather than the buffer itself.
+        ns_coefficients: (a, b, c): the Newton–Schulz polynomial's coefficients (finite
+            numbers).
+        eps: ε (>= 0): the floor of the Frobenius norm the update is divided by.
+        ns_steps: the number of Newton–Schulz iterations, an int in [0, 100).
+        adjust_lr_fn: ``None`` or ``"original"`` (s = sqrt(max(1, A/B))), or
+            ``"match_rms_adamw"`` (s = 0.2 sqrt(max(A, B))): the scale of the update for an
+            (A, B) matrix.
+        ns_dtype: ``"compute"`` (default: the compute dtype, float32 for half precision),
+            ``"float32"``, or ``"bfloat16"`` (torch's iteration): the dtype the
+            Newton–Schulz iteration runs in.
+        impl: which implementation runs the step. This rule reduces over each array, so only
+            the generic path exists: ``"auto"`` (default) and ``"generic"`` run the rule as
+            written (array-API operations, one array at a time); ``"fused"`` raises
+            ValueError at ``init`` / ``update`` (there is no fused step to require).
+
+    Returns:
+        Optimizer: the functional form, a pure ``init`` / ``update`` pair;
+            ``polyopt.Muon(params, ...)`` is the stateful form of the same rule.
+
     Example: Muon for the weight matrices, AdamW for the biases. polyopt's parameter
     groups share one optimizer (one rule), so the two subsets get two optimizers, side
     by side, as in torch's own example:

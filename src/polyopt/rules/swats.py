@@ -188,6 +188,27 @@ def swats(
     ``switch_step``. (A float16 or bfloat16 param keeps them in its dtype: the step is
     exact up to 2048 or 256 there.)
 
+    Args:
+        lr: learning rate γ (>= 0): a number, a 0-d array of the params' library (a torch
+            tensor, a JAX array or tracer), or a schedule, a function of the step count such
+            as ``polyopt.schedules.cosine(1e-3, T_max=1000)``. It sets the Adam phase; the
+            SGD phase's learning rate Λ comes from the switch criterion.
+        betas: (β1, β2), each in [0, 1): Adam's moment decay rates; β2 also averages the
+            criterion's γ_k, β1 is the SGD phase's momentum.
+        eps: ε (>= 0): Adam's, outside the uncorrected square root, and the switch
+            criterion's threshold (the paper's one ε).
+        weight_decay: λ (>= 0), coupled L2 in both phases: ``λ·p`` added to the gradient. A
+            number, a 0-d array or a schedule.
+        maximize: ascend the objective instead of descending it (the gradient is negated).
+        impl: which implementation runs the step. This rule reduces over each array, so only
+            the generic path exists: ``"auto"`` (default) and ``"generic"`` run the rule as
+            written (array-API operations, one array at a time); ``"fused"`` raises
+            ValueError at ``init`` / ``update`` (there is no fused step to require).
+
+    Returns:
+        Optimizer: the functional form, a pure ``init`` / ``update`` pair;
+            ``polyopt.SWATS(params, ...)`` is the stateful form of the same rule.
+
     Example: a linear loss (constant gradient g) makes every Adam step about
     -lr·sign(g), so γ is constant, the group switches at step 2 and Λ = lr·n / Σ|g|.
 
@@ -211,6 +232,21 @@ def swats_switches(optimizer: Any, state: OptState | None = None, params: Any = 
     ``swats_switches(opt)`` for ``polyopt.SWATS`` or ``polyopt.torch.SWATS``;
     ``swats_switches(opt, state, params)`` for the functional form (the group
     boundaries come from ``params``). Reads the state; changes nothing.
+
+    Args:
+        optimizer: a ``polyopt.SWATS`` or ``polyopt.torch.SWATS`` object, or a
+            functional ``polyopt.swats(...)`` optimizer.
+        state: with the functional form, its :class:`~polyopt.OptState`.
+        params: with the functional form, the params the state was made for (their
+            parameter groups are the groups reported).
+
+    Returns:
+        list: one dict per parameter group, ``{"switch_step": int or None, "sgd_lr":
+        float or None}``.
+
+    Raises:
+        TypeError: not a SWATS optimizer, or the functional form without its state and
+            params.
     """
     if isinstance(optimizer, StatefulOptimizer):
         if optimizer._opt.rule is not SWATS:
