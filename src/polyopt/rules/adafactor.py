@@ -213,6 +213,27 @@ def adafactor(
     State per array: ``row_var`` and ``col_var`` (ndim >= 2) or ``variance`` (ndim <= 1):
     for an (m, n) matrix m + n numbers instead of Adam's 2 m n.
 
+    Args:
+        lr: learning rate γ (>= 0): a number, a 0-d array of the params' library (a torch
+            tensor, a JAX array or tracer), or a schedule, a function of the step count such
+            as ``polyopt.schedules.cosine(1e-3, T_max=1000)``. torch's convention: the cap
+            of the relative step size ρ_t, not a multiplier on the step.
+        beta2_decay: τ (<= 0): the second-moment decay rate is 1 − β2_t = t^τ.
+        eps: (ε1, ε2): ε1 (>= 0, or None for the eps of each param's own dtype) floors the
+            second-moment estimate; ε2 (>= 0) floors the RMS of the param in the step size.
+        d: (>= 1): the clipping threshold of the update's RMS.
+        weight_decay: λ (>= 0), decoupled and multiplied by lr: ``p ← p − γ λ p`` before the
+            step. A number, a 0-d array or a schedule.
+        maximize: ascend the objective instead of descending it (the gradient is negated).
+        impl: which implementation runs the step. This rule reduces over each array, so only
+            the generic path exists: ``"auto"`` (default) and ``"generic"`` run the rule as
+            written (array-API operations, one array at a time); ``"fused"`` raises
+            ValueError at ``init`` / ``update`` (there is no fused step to require).
+
+    Returns:
+        Optimizer: the functional form, a pure ``init`` / ``update`` pair;
+            ``polyopt.Adafactor(params, ...)`` is the stateful form of the same rule.
+
     Example:
 
     >>> import numpy as np, polyopt
