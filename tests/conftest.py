@@ -12,3 +12,53 @@ from pathlib import Path
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
+
+
+# -- what this machine cannot run: left out of the run, said once -----------------------
+#
+# A conformance cell that cannot exist (a dtype the library lacks, a fused path the
+# optimizer does not have) is never generated (``polyopt.testing.cells``). Cells and
+# tests that exist but need what this machine lacks (a CUDA device, CuPy, dask, JAX with
+# x64 in this process) are not collected here; the terminal summary says what and why in
+# one line instead of one SKIPPED line per reason.
+
+
+def _gpu_missing() -> str | None:
+    """Why the tests marked ``gpu`` cannot run here (no CUDA device for torch or CuPy)."""
+    from polyopt import testing
+
+    reasons = [b.missing() for b in testing.BACKENDS if b.device == "cuda"]
+    return None if None in reasons else "no CUDA device"
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _gpu_missing()
+    if reason is None:
+        return
+    gone = [it for it in items if it.get_closest_marker("gpu") is not None]
+    if gone:
+        config.hook.pytest_deselected(items=gone)
+        items[:] = [it for it in items if it.get_closest_marker("gpu") is None]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from collections import Counter
+
+    from polyopt import testing
+
+    not_here = Counter()
+    for cell in testing.cells():
+        reason = testing.skip_reason(cell)
+        if reason is not None:
+            if reason.startswith("JAX x64 is off"):
+                reason = "JAX x64: run by tests/test_jax.py::test_x64_subprocess"
+            not_here[f"{cell.backend.label} ({reason})"] += 1
+    parts = [f"{n} {what}" for what, n in sorted(not_here.items(), key=lambda kv: -kv[1])]
+    gpu = _gpu_missing()
+    if gpu is not None:
+        parts.append(f"the tests marked gpu ({gpu})")
+    if parts:
+        terminalreporter.write_line(
+            "not run on this machine (deselected, not skipped): conformance cells "
+            + ", ".join(parts)
+        )

@@ -174,12 +174,26 @@ def test_demo_unknown_names_list_the_valid_ones(capsys, flag, value, valid):
 
 
 def test_nothing_ran_is_exit_1_with_the_reason(capsys):
-    assert cli(["conformance", "--backend", "numpy", "--dtype", "bfloat16", "-q"]) == 1
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the torch-cuda cells run")
+    args = ["conformance", "--backend", "torch-cuda", "--optimizer", "sgd", "-q"]
+    assert cli(args) == 1
     captured = capsys.readouterr()
     assert "0 passed, 0 failed" in captured.out
     (line,) = [x for x in captured.err.splitlines() if "nothing ran" in x]
     assert line.startswith("polyopt conformance: nothing ran: all ")
-    assert "were skipped: numpy has no bfloat16" in line
+    assert "were skipped: no CUDA device" in line
+
+
+def test_a_cell_that_cannot_exist_is_not_a_cell(capsys):
+    # NumPy has no bfloat16: the matrix has no such cells (not skipped ones)
+    assert cli(["conformance", "--backend", "numpy", "--dtype", "bfloat16", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "nothing to run: numpy has no bfloat16 (it has float64, float32" in err
+    assert cli(["conformance", "--optimizer", "lamb", "--impl", "fused", "-q"]) == 1
+    assert "nothing to run: no fused path for lamb" in capsys.readouterr().err
 
 
 def test_no_cell_at_all_is_exit_1(capsys):

@@ -81,6 +81,23 @@ def _general(reason: str) -> str:
     return reason
 
 
+def _why_no_cell(args: argparse.Namespace, names: Sequence[str]) -> str:
+    """Why the selection holds no cell: the matrix has only cells that can exist."""
+    dtypes = args.dtype or testing.DTYPES
+    chosen = [
+        b for b in testing.BACKENDS if not args.backend or {b.name, b.label} & set(args.backend)
+    ]
+    for b in chosen:
+        if not set(dtypes) & set(b.dtypes):
+            return f"{b.label} has no {', '.join(dtypes)} (it has {', '.join(b.dtypes)})"
+    if args.impl == ["fused"]:
+        return (
+            f"no fused path for {', '.join(names)} on {', '.join(b.label for b in chosen)} "
+            "(fast paths exist for elementwise rules on numpy, torch, jax and cupy)"
+        )
+    return f"no case of {', '.join(names)} runs in {', '.join(dtypes)}"
+
+
 def _require_backends(names: Sequence[str]) -> None:
     """Every backend the user named must be importable (else exit 2 naming the extra)."""
     for name in names:
@@ -105,11 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = [c for c in testing.CASES if c.name in names]
     cells = testing.cells(args.backend, args.dtype, args.impl or testing._matrix.IMPLS, cases)
     if not cells:
-        print(
-            f"{PROG}: nothing to run: no case of {', '.join(names)} runs in "
-            f"{', '.join(args.dtype or testing.DTYPES)}",
-            file=sys.stderr,
-        )
+        print(f"{PROG}: nothing to run: {_why_no_cell(args, names)}", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
     failures = 0

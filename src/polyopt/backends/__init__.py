@@ -141,6 +141,18 @@ def generic(rule):
     return opt
 
 
+#: The libraries with fast paths: each has one for every elementwise rule (where its
+#: optional dependencies are installed: numba for NumPy), and none for other rules.
+FAST_BACKENDS = tuple(_MODULES)
+
+
+def exists(rule, backend: str) -> bool:
+    """Whether ``rule`` has a fused path on ``backend`` where the library's optional
+    dependencies are installed (a static fact: nothing is imported). :func:`available`
+    says whether it is there in this process."""
+    return backend in FAST_BACKENDS and getattr(rule, "elementwise", True)
+
+
 def available(rule, backend: str) -> bool:
     _load(backend)
     return _find(rule, backend) is not None

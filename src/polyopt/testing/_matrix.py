@@ -165,7 +165,7 @@ class Backend:
             if self.name == "dask":
                 return 'dask is not installed (pip install "dask[array]")'
             req = {"array_api_strict": "strict"}.get(self.name, self.name)
-            return f"{self.module} is not installed (pip install -r backends/{req}.txt)"
+            return f"{self.module} is not installed (pip install 'polyopt[{req}]')"
         if self.device == "cuda":
             if self.name == "torch":
                 import torch
@@ -324,19 +324,24 @@ def cells(
         cases: rows of the case table; None: all of :data:`CASES`.
 
     Returns:
-        list: the :class:`Cell` objects, installed or not (:func:`skip_reason` says
-        which cannot run here).
+        list: the :class:`Cell` objects that exist: the dtypes each library has, the
+        fused impl only where the optimizer has a fused path on that library
+        (:func:`polyopt.backends.exists`). Whether each can run here (library, device,
+        optional dependency installed) is :func:`skip_reason`'s answer.
     """
     chosen = [
         b for b in BACKENDS if backends_ is None or b.name in backends_ or b.label in backends_
     ]
+    fused = {name: OPTIMIZERS[name][0]().rule for name in {c.name for c in CASES}}
     return [
         Cell(c, b, d, i)
         for c in (CASES if cases is None else cases)
         for b in chosen
         for d in (DTYPES if dtypes is None else dtypes)
-        if c.dtypes is None or d in c.dtypes
+        if (c.dtypes is None or d in c.dtypes) and d in b.dtypes
         for i in impls
+        if i == "generic"
+        or backends.exists(fused.get(c.name) or OPTIMIZERS[c.name][0]().rule, b.name)
     ]
 
 
