@@ -1408,24 +1408,68 @@ def stateful(factory: Callable[..., Optimizer], name: str) -> type:
     return cls
 
 
+_PARAMS_ARG = (
+    "params: the parameters (any structure the functional form takes, torch-style\n"
+    "    groups, or an iterator such as ``model.parameters()``)."
+)
+
+
 def _class_doc(doc: str) -> str:
     """A factory's docstring for its stateful class: ``params`` first among the
     arguments, no Returns section (the class returns an instance)."""
-    doc = inspect.cleandoc(doc)
-    doc = doc.replace(
-        "\nArgs:\n",
-        "\nArgs:\n    params: the parameters (any structure the functional form takes, "
-        "torch-style\n        groups, or an iterator such as ``model.parameters()``).\n",
-        1,
-    )
-    head, sep, rest = doc.partition("\nReturns:\n")
-    if sep:  # drop the indented block and the blank line after it
-        lines = rest.split("\n")
-        i = 0
-        while i < len(lines) and (lines[i].startswith(" ") or not lines[i]):
-            i += 1
-        doc = head + "\n" + "\n".join(lines[i:])
-    return doc
+    return adapted_doc(doc, first=_PARAMS_ARG, returns=None)
+
+
+def adapted_doc(
+    doc: str,
+    *,
+    first: str | None = None,
+    drop: tuple[str, ...] = (),
+    last: str | None = None,
+    returns: str | None = None,
+) -> str:
+    """A factory's docstring (cleaned of its indentation) for another form of it: the
+    Google-style Args section gets ``first`` before its items and ``last`` after them,
+    loses the items named in ``drop``; the Returns section is replaced by ``returns``
+    (dropped if None). ``first``, ``last`` and ``returns`` are Args / Returns items,
+    their continuation lines indented by 4."""
+    lines = inspect.cleandoc(doc).split("\n")
+
+    def section(title: str) -> tuple[int, int] | None:
+        if title not in lines:
+            return None
+        a = lines.index(title) + 1
+        b = a
+        while b < len(lines) and (lines[b].startswith(" ") or not lines[b].strip()):
+            b += 1
+        while b > a and not lines[b - 1].strip():  # keep the blank line after it
+            b -= 1
+        return a, b
+
+    def indent(item: str) -> list[str]:
+        return ["    " + line for line in item.split("\n")]
+
+    where = section("Args:")
+    if where is not None:
+        a, b = where
+        items: list[list[str]] = []
+        for line in lines[a:b]:
+            if line.startswith("    ") and not line.startswith("     "):
+                items.append([line])
+            elif items:
+                items[-1].append(line)
+        kept = [it for it in items if it[0].strip().split(":", 1)[0] not in drop]
+        body = (indent(first) if first else []) + [x for it in kept for x in it]
+        body += indent(last) if last else []
+        lines[a:b] = body
+    where = section("Returns:")
+    if where is not None:
+        a, b = where
+        if returns is None:
+            del lines[a - 1 : b + 1]  # the title, the items and the blank line after
+        else:
+            lines[a:b] = indent(returns)
+    return "\n".join(lines)
 
 
 def scalar_sqrt(x: Any, xp: Any) -> Any:

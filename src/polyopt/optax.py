@@ -186,6 +186,14 @@ def _columns(state: _base.OptState, order: list[int] | None) -> _base.OptState:
     return state._replace(slots=slots)
 
 
+#: The Args entry of ``mask`` in the generated factories' docstrings.
+_MASK_ARG = (
+    "mask: a pytree of bools with the structure of params, or a function of params\n"
+    "    returning one (as for ``optax.adamw``): weight decay applies only where True.\n"
+    "    None (default): everywhere."
+)
+
+
 def transformation(factory: Callable[..., _base.Optimizer]) -> Callable:
     """The optax form of one polyopt optimizer.
 
@@ -217,7 +225,15 @@ def transformation(factory: Callable[..., _base.Optimizer]) -> Callable:
     make.__module__ = __name__
     make.__doc__ = (
         f"optax form of :func:`polyopt.{factory.__name__}` (see :mod:`polyopt.optax`): "
-        "returns an ``optax.GradientTransformationExtraArgs``.\n\n" + (factory.__doc__ or "")
+        "returns an ``optax.GradientTransformationExtraArgs``.\n\n"
+        + _base.adapted_doc(
+            factory.__doc__ or "",
+            last=_MASK_ARG if has_decay else None,
+            returns=(
+                "optax.GradientTransformationExtraArgs: ``init(params)`` and\n"
+                "    ``update(updates, state, params)`` (params required), in optax's order."
+            ),
+        )
     )
     return make
 

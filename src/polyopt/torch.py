@@ -64,6 +64,15 @@ __all__ = ["adapter"]
 _FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
 
+#: The Args entry of the generated classes for what replaces ``impl`` (see the module).
+_FLAGS_ARG = (
+    "foreach, fused: torch's flags choose the implementation: ``fused=True`` requires\n"
+    "    polyopt's fused path (an error where there is none), ``foreach=False`` runs the\n"
+    "    generic rule, the default (None) or ``foreach=True`` the fastest path polyopt\n"
+    '    has (``impl="auto"``). ``capturable`` and ``differentiable`` are refused.'
+)
+
+
 def _impl(defaults: dict) -> str:
     if defaults.get("fused"):
         return "fused"
@@ -406,7 +415,14 @@ def adapter(name: str, factory: Callable[..., _base.Optimizer], base: type | Non
     rule = factory().rule
     doc = (
         f"``torch.optim.Optimizer`` form of :func:`polyopt.{factory.__name__}` "
-        f"(see :mod:`polyopt.torch`).\n\n" + (factory.__doc__ or "")
+        f"(see :mod:`polyopt.torch`).\n\n"
+        + _base.adapted_doc(
+            factory.__doc__ or "",
+            first=_base._PARAMS_ARG,
+            drop=("impl",),
+            last=_FLAGS_ARG,
+            returns=None,
+        )
     )
     if base is not None:
         torch_args = set(inspect.signature(base.__init__).parameters)
