@@ -1,9 +1,14 @@
 """polyopt.torch inside torch's distributed stack, each run against torch.optim.
 
-Each test spawns two CPU ranks (gloo, 127.0.0.1, a free port found at runtime) and runs
-the same training twice in the same processes: once with ``polyopt.torch.AdamW`` and once
-with ``torch.optim.AdamW``, from the same seeded float64 model on the same per-rank data.
-The ranks write their results (plain tensors) to ``tmp_path``; the parent compares them.
+The three scenarios share one spawned group: two CPU ranks (gloo, 127.0.0.1, a free port
+found at runtime) that run DDP, ZeRO and FSDP2 one after the other, so the interpreters,
+``import torch`` and the process group are paid for once (they were most of a separate
+launch per test). In each scenario the ranks run the same training twice: once with
+``polyopt.torch.AdamW`` and once with ``torch.optim.AdamW``, from the same seeded float64
+model on the same per-rank data. The ranks write each scenario's results (plain tensors)
+to a directory; the parent loads them and each test checks its own scenario. Under
+pytest-xdist the group is launched once per session, by whichever worker asks first (a
+file lock), and the other worker reads the same results.
 
 * DDP: both ranks end with bit-identical params, equal to the torch.optim run.
 * ZeroRedundancyOptimizer with ``optimizer_class=polyopt.torch.AdamW``: each rank's
@@ -21,13 +26,15 @@ gives differences of ~1e-16 relative).
 
 A spawned child runs this file with ``runpy.run_path`` (a stdlib function, so it pickles
 by reference whatever name pytest's import mode gave this module); the block at the
-bottom then runs the rank's scenario.
+bottom then runs the rank's scenarios.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import multiprocessing as mp
+import os
 import runpy
 import socket
 import time
@@ -44,12 +51,12 @@ if not torch.distributed.is_available():
 if not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed has no gloo backend in this build", allow_module_level=True)
 
-# ~15 s a test (two fresh interpreters importing torch each); "slow" is registered in
-# pyproject.toml's [tool.pytest.ini_options] markers.
+# one launch of two fresh interpreters importing torch, ~20 s for the three scenarios;
+# "slow" is registered in pyproject.toml's [tool.pytest.ini_options] markers.
 pytestmark = pytest.mark.slow
 
 WORLD = 2
-TIMEOUT_S = 120  # per spawned test, start to finish
+TIMEOUT_S = 120  # per collective (gloo), and per scenario on top of the ranks' start-up
 RTOL, ATOL = 1e-9, 1e-12
 HP = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
 STEPS = 5  # DDP
@@ -232,11 +239,14 @@ def _fsdp(rank: int) -> dict:
 _SCENARIOS = {"ddp": _ddp, "zero": _zero, "fsdp": _fsdp}
 
 
-def _child(scenario: str, rank: int, port: int, out: str) -> None:
-    """One rank: join the group, run the scenario, write ``rank<r>.pt`` (or ``.err``)."""
+def _child(scenarios: list, rank: int, port: int, out: str) -> None:
+    """One rank: join the group, run the scenarios in order, writing
+    ``<scenario>.rank<r>.pt`` after each (or ``<scenario>.rank<r>.err`` and stop: the
+    other rank may be waiting in a collective of the failed one)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # two ranks on two cores
+    scenario = "init_process_group"
     try:
         dist.init_process_group(
             "gloo",
@@ -246,12 +256,13 @@ def _child(scenario: str, rank: int, port: int, out: str) -> None:
             timeout=timedelta(seconds=TIMEOUT_S),
         )
         try:
-            result = _SCENARIOS[scenario](rank)
+            for scenario in scenarios:
+                result = _SCENARIOS[scenario](rank)
+                torch.save(result, Path(out) / f"{scenario}.rank{rank}.pt")
         finally:
             dist.destroy_process_group()
-        torch.save(result, Path(out) / f"rank{rank}.pt")
     except BaseException:
-        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
+        (Path(out) / f"{scenario}.rank{rank}.err").write_text(traceback.format_exc())
         raise
 
 
@@ -264,9 +275,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(scenario: str, tmp_path: Path) -> list[dict]:
-    """Runs ``scenario`` on WORLD spawned ranks; returns each rank's result. Fails on a
-    rank's error (with its traceback) or past TIMEOUT_S; never leaves a child behind."""
+def _launch(scenarios: list, out: Path) -> dict:
+    """Runs ``scenarios`` in order on WORLD spawned ranks, which write their results under
+    ``out``; returns ``{"timed_out": bool, "exit_codes": [...]}`` (also written to
+    ``out / "launch.json"``). Stops at a rank's failure or past the deadline (TIMEOUT_S a
+    scenario, plus TIMEOUT_S for the start-up); never leaves a child behind."""
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [
@@ -275,7 +288,7 @@ def _launch(scenario: str, tmp_path: Path) -> list[dict]:
             args=(__file__,),
             kwargs={
                 "run_name": _WORKER,
-                "init_globals": {"_JOB": (scenario, rank, port, str(tmp_path))},
+                "init_globals": {"_JOB": (list(scenarios), rank, port, str(out))},
             },
             daemon=True,
         )
@@ -285,7 +298,7 @@ def _launch(scenario: str, tmp_path: Path) -> list[dict]:
     try:
         for p in procs:
             p.start()
-        deadline = time.monotonic() + TIMEOUT_S
+        deadline = time.monotonic() + TIMEOUT_S * (1 + len(scenarios))
         while any(p.is_alive() for p in procs):
             if any(p.exitcode not in (None, 0) for p in procs):
                 break  # a rank failed: the others would wait for it in a collective
@@ -302,15 +315,47 @@ def _launch(scenario: str, tmp_path: Path) -> list[dict]:
             if p.is_alive():
                 p.kill()
                 p.join()
-    errors = [e.read_text() for e in sorted(tmp_path.glob("rank*.err"))]
-    if errors:
-        pytest.fail(f"{scenario}: a rank raised:\n" + "\n".join(errors), pytrace=False)
-    if timed_out:
-        pytest.fail(f"{scenario}: the ranks did not finish in {TIMEOUT_S} s", pytrace=False)
-    codes = [p.exitcode for p in procs]
-    if codes != [0] * WORLD:
-        pytest.fail(f"{scenario}: rank exit codes {codes}", pytrace=False)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    outcome = {"timed_out": timed_out, "exit_codes": [p.exitcode for p in procs]}
+    (out / "launch.json").write_text(json.dumps(outcome))
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> Path:
+    """The directory holding the one launch's results. Under pytest-xdist the directory
+    is shared by the workers of this session (the parent of their base temp dirs): the
+    first worker to take the lock launches, the others find ``launch.json`` and read."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        out = tmp_path_factory.mktemp("torch_distributed")
+        _launch(list(_SCENARIOS), out)
+        return out
+    from filelock import FileLock  # a dependency of torch
+
+    root = tmp_path_factory.getbasetemp().parent
+    out = root / "torch_distributed"
+    with FileLock(str(root / "torch_distributed.lock")):
+        if not (out / "launch.json").exists():
+            out.mkdir(exist_ok=True)
+            _launch(list(_SCENARIOS), out)
+    return out
+
+
+def _ranks(scenario: str, out: Path) -> list[dict]:
+    """Each rank's result of ``scenario`` from the launch in ``out``; fails the test with
+    the rank's traceback, or with why the scenario has no result."""
+    found = [out / f"{scenario}.rank{r}.pt" for r in range(WORLD)]
+    if all(f.exists() for f in found):
+        return [torch.load(f) for f in found]
+    for pattern, why in ((f"{scenario}.rank*.err", "a rank raised"), ("*.err", "not run")):
+        errors = [f"{e.name}:\n{e.read_text()}" for e in sorted(out.glob(pattern))]
+        if errors:
+            pytest.fail(f"{scenario}: {why}:\n" + "\n".join(errors), pytrace=False)
+    outcome = json.loads((out / "launch.json").read_text())
+    if outcome["timed_out"]:
+        pytest.fail(
+            f"{scenario}: the ranks did not finish in {TIMEOUT_S} s a scenario", pytrace=False
+        )
+    pytest.fail(f"{scenario}: no result; rank exit codes {outcome['exit_codes']}", pytrace=False)
 
 
 def _close(actual: list, expected: list, what: str) -> float:
@@ -344,11 +389,11 @@ def _strip(tree):
 # -- the tests -------------------------------------------------------------------------
 
 
-def test_ddp_adamw(tmp_path):
+def test_ddp_adamw(launched):
     """DDP, 2 ranks: polyopt.torch.AdamW leaves both ranks with the same params (bit for
     bit: DDP all-reduces the grads, the step is deterministic), equal to torch.optim's,
     and the same optimizer state."""
-    ranks = _launch("ddp", tmp_path)
+    ranks = _ranks("ddp", launched)
     for r, res in enumerate(ranks):
         _close(res["polyopt"], res["torch"], f"rank {r} params")
         _close(res["polyopt/state"], res["torch/state"], f"rank {r} state")
@@ -358,11 +403,11 @@ def test_ddp_adamw(tmp_path):
             assert torch.equal(a, b), f"{name}: the ranks' params differ"
 
 
-def test_zero_redundancy_optimizer(tmp_path):
+def test_zero_redundancy_optimizer(launched):
     """ZeroRedundancyOptimizer(optimizer_class=polyopt.torch.AdamW), 2 ranks: params equal
     torch.optim's; the consolidated state dict (K steps) equals torch's; loaded into a
     fresh ZeRO optimizer of either class, M more steps give the uninterrupted run."""
-    ranks = _launch("zero", tmp_path)
+    ranks = _ranks("zero", launched)
     for r, res in enumerate(ranks):
         assert res["polyopt/local_is_cls"] and res["torch/local_is_cls"]
         # the partition: each rank's local optimizer holds some, not all, of the 4 params
@@ -382,12 +427,12 @@ def test_zero_redundancy_optimizer(tmp_path):
     _close(_flat(ckpt), _flat(ref), "consolidated state dict")
 
 
-def test_fsdp2_fully_shard(tmp_path):
+def test_fsdp2_fully_shard(launched):
     """FSDP2 (fully_shard, DTensor params), 2 ranks: params and state equal torch.optim's;
     the state is DTensors sharded as the params; get_optimizer_state_dict after K steps,
     set_optimizer_state_dict into a fresh model + optimizer (of either class), M more
     steps give the uninterrupted run."""
-    ranks = _launch("fsdp", tmp_path)
+    ranks = _ranks("fsdp", launched)
     for r, res in enumerate(ranks):
         ref = res["torch/straight"]
         _close(res["polyopt/straight"], ref, f"rank {r} uninterrupted")
