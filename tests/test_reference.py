@@ -33,7 +33,13 @@ def assert_close(actual, desired, what: str, rtol: float = RTOL) -> None:
     assert actual.shape == desired.shape, f"{what}: shape {actual.shape} != {desired.shape}"
     assert actual.dtype == np.float64, f"{what}: dtype {actual.dtype}, expected float64"
     scale = float(np.max(np.abs(desired))) if desired.size else 0.0
-    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale, err_msg=what)
+    # assert_allclose's test itself, |a - d| <= atol + rtol * |d|, takes ~6 us of its ~60 us
+    # a call (a case makes ~2000 calls). Where that holds everywhere (so no NaN, no inf)
+    # the call passes; it is made only where it does not, for its checks and report.
+    with np.errstate(invalid="ignore"):  # inf - inf: left to assert_allclose
+        within = np.all(np.abs(actual - desired) <= rtol * scale + rtol * np.abs(desired))
+    if not within:
+        np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale, err_msg=what)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +76,8 @@ def test_functional_matches_reference(case, problem):
         new_params, state = opt.update(params, grads[k], state)
         # pure: the inputs are left as they were
         for b, p in zip(before, params, strict=True):
-            np.testing.assert_array_equal(p, b)
+            if not np.array_equal(p, b, equal_nan=True):  # assert_array_equal's test
+                np.testing.assert_array_equal(p, b, err_msg=f"{case.id}: step {k + 1} wrote params")
         params = new_params
         assert state.step == k + 1
         _compare_step(case, k, params, state.per_array(len(params)), *ref[k])
