@@ -15,6 +15,7 @@ leaves room for platform differences while any formula mismatch shows at >= 1e-4
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import numpy as np
@@ -35,13 +36,43 @@ TORCH_CASES = [c for c in C.CASES if T.torch_supports(c)]
 TORCH_IDS = [c.id for c in TORCH_CASES]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # arrays of at most 12 elements: a second thread buys nothing, and on a busy 2-core
+    # machine each parallel region waits for a descheduled thread
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def assert_close(actual, desired, what: str) -> float:
-    """Assert within RTOL (see module docstring); return the normwise relative difference."""
+    """Assert within RTOL (see module docstring); return the normwise relative difference
+    (:func:`torch_maxdiff.rel_diff`)."""
     actual, desired = np.asarray(actual), np.asarray(desired)
     assert actual.shape == desired.shape, f"{what}: shape {actual.shape} != {desired.shape}"
-    scale = float(np.max(np.abs(desired))) if desired.size else 0.0
-    np.testing.assert_allclose(actual, desired, rtol=RTOL, atol=RTOL * scale, err_msg=what)
-    return T.rel_diff(actual, desired)
+    if desired.size == 0:
+        return 0.0
+    scale = float(np.max(np.abs(desired)))
+    with np.errstate(invalid="ignore"):  # inf - inf: left to assert_allclose
+        err = np.abs(actual - desired)
+        within = np.all(err <= RTOL * scale + RTOL * np.abs(desired))
+    # assert_allclose's test itself is ~6 us of its ~60 us a call (a case makes ~2000):
+    # where it holds everywhere (so no NaN, no inf) the call passes, so it is made only
+    # where it does not, for its checks and report
+    if not within:
+        np.testing.assert_allclose(actual, desired, rtol=RTOL, atol=RTOL * scale, err_msg=what)
+    diff = float(np.max(err))
+    return diff / scale if scale else diff
+
+
+@functools.cache
+def _torch_history(case_id: str) -> list:
+    """torch.optim's ``(params, states)`` after each step of ``case_id`` on the shared
+    problem: computed once a process for the three comparisons of the case below
+    (torch_run yields copies, and the comparisons only read them)."""
+    case = TORCH_CASES[TORCH_IDS.index(case_id)]
+    return list(T.torch_run(case, *C.make_problem(STEPS)))
 
 
 def compare_with_torch(case, steps_iter, label):
@@ -50,7 +81,7 @@ def compare_with_torch(case, steps_iter, label):
     worst_p = worst_s = 0.0
     n = 0
     for k, ((params, slots), (tp, ts)) in enumerate(
-        zip(steps_iter(p0, grads), T.torch_run(case, p0, grads), strict=True)
+        zip(steps_iter(p0, grads), _torch_history(case.id), strict=True)
     ):
         n += 1
         for i, (p, q) in enumerate(zip(params, tp, strict=True)):
