@@ -262,7 +262,13 @@ def _close(actual, desired, rtol, what):
     assert actual.shape == desired.shape, f"{what}: shape {actual.shape} != {desired.shape}"
     assert actual.dtype == desired.dtype, f"{what}: dtype {actual.dtype} != {desired.dtype}"
     scale = float(np.max(np.abs(desired))) if desired.size else 0.0
-    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale, err_msg=what)
+    # assert_allclose's test itself, |a - d| <= atol + rtol * |d|, is ~6 us of its ~60 us
+    # a call (a run of 120 steps makes ~2000): where it holds everywhere (so no NaN, no
+    # inf) the call passes, so it is made only where it does not, for its checks and report
+    with np.errstate(invalid="ignore"):  # inf - inf: left to assert_allclose
+        within = np.all(np.abs(actual - desired) <= rtol * scale + rtol * np.abs(desired))
+    if not within:
+        np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale, err_msg=what)
 
 
 def rel_diff(a, b) -> float:
