@@ -175,6 +175,34 @@ def test_matches_torch(name, form):
     print(f"adafactor {name:13s} {form:17s} max rel diff {worst:.3g}")
 
 
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("name", ["defaults", "changed", "maximize"])
+def test_clamp_check_matches_torch(name, form, monkeypatch):
+    """Large params skip the ε1 clamp of sqrt(V) where min(sqrt(R/r)) · min(sqrt(C))
+    shows it cannot act (rules.adafactor._at_least, NumPy and CPU torch): with the size
+    threshold at 0 every factored array takes the check, and both outcomes occur (an
+    all-zero row of the matrix at the first step, R_i = 0, makes the clamp act; later
+    steps it cannot) and match torch."""
+    from polyopt.rules import adafactor as module
+
+    seen = []
+    check = module._at_least
+
+    def spy(*args):
+        seen.append(check(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(module, "CHECK_CLAMP_FROM", 0)
+    monkeypatch.setattr(module, "_at_least", spy)
+    options = OPTION_SETS[name]
+    p0, grads = make_problem(40)
+    grads[0][2][1, :] = 0.0
+    theirs, their_state = torch_run(options, p0, grads)
+    ours, our_state = FORMS[form](_hp(options), p0, grads)
+    check_against_torch(f"clamp check {name} [{form}]", ours, theirs, our_state, their_state)
+    assert True in seen and False in seen
+
+
 def test_missing_gradients_match_torch():
     """An array without a gradient is skipped and keeps its own step count, as torch's
     per-param ``step`` (it enters 1 - β2_t = t^τ and ρ_t)."""

@@ -6,6 +6,7 @@ command's output and to asv, not to pass/fail).
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -165,13 +166,16 @@ def test_torch_adapter_comparison(capsys):
     """``bench --torch``: one table per optimizer, polyopt.torch and each torch.optim
     mode timed (or n/a where torch has no such mode), ratios to torch's fastest."""
     pytest.importorskip("torch")
-    assert bench.main(["--torch", "--sizes", "1e3/3", "--repeats", "1", "--warmup", "0"]) == 0
+    args = ["--torch", "--quick", "--sizes", "1e3/3", "--repeats", "1", "--warmup", "0"]
+    assert bench.main(args) == 0
     out = capsys.readouterr().out
-    # bench's problem is vectors: every optimizer of the shared problems (testing.NAMES;
-    # Muon takes matrices only)
+    # bench's problem is vectors: every optimizer of the shared problems (testing.NAMES)
+    # on it; Muon (matrices only) on --quick's matrices, torch's class as it ships
     for fname in testing.NAMES:
         name = polyopt.OPTIMIZERS[fname][1].__name__
         assert f"polyopt.torch.{name} " in out and f"torch.optim.{name} foreach" in out
+    assert "Muon, 4x256x256+2x256x1024 matrices (786432 params)" in out
+    assert re.search(r"torch\.optim\.Muon\s+[\d.e+]+ ms", out)
     assert "torch.optim.RMSprop fused    n/a" in out  # torch has no fused RMSprop
     assert re.search(r"polyopt\.torch\.AdamW\s+[\d.]+ ms\s+[\d.]+x", out)
 
@@ -206,3 +210,80 @@ def test_gpu_benchmark_builds_its_problems_with_bench():
     assert [p.tolist() for p in small.params] == [p.tolist() for p in ref.params]
     assert (large.n_params, large.n_tensors) == (16, 1)
     assert gpu.BYTES_PER_PARAM == bench.traffic_bytes("AdamW")
+
+
+def test_parse_matrices():
+    assert bench.parse_matrices("2x3x4+1x5x6,7x8") == [
+        ((3, 4), (3, 4), (5, 6)),
+        ((7, 8),),
+    ]
+    assert bench.parse_matrices("4x1k x1k")[0] == ((1000, 1000),) * 4
+    for bad in ("3", "1x2x3x4", "2x0x3", "2x3+", "ten"):
+        with pytest.raises(ValueError):
+            bench.parse_matrices(bad)
+    assert bench.matrices_label(bench.parse_matrices(bench.DEFAULT_MATRICES)[0]) == (
+        "4x1024x1024+2x1024x4096"
+    )
+
+
+def test_matrix_problem_and_its_traffic():
+    pb = bench.make_matrix_problem(bench.parse_matrices("2x8x8+1x8x16")[0])
+    assert [p.shape for p in pb.params] == [(8, 8), (8, 8), (8, 16)]
+    assert pb.n_params == 256 and pb.n_tensors == 3 and pb.matrices
+    assert all(p.dtype == "float32" and g.shape == p.shape for p, g in zip(pb.params, pb.grads))
+    assert pb.label == "2x8x8+1x8x16 matrices (256 params)" and pb.short == "2x8x8+1x8x16"
+    # Adafactor's factored moments: a row and a column per matrix, not two full slots
+    assert bench.traffic_bytes("Adafactor", pb) == 4 * (3 + 2 * (2 * 16 + 24) / 256)
+    assert bench.traffic_bytes("Muon", pb) == bench.traffic_bytes("Muon") == 20
+
+
+def test_matrices_mode_rows(capsys):
+    """``--shapes matrices``: Adafactor (factored) and Muon on 2-D params, every row:
+    polyopt's functional and stateful forms on NumPy, polyopt.torch and the stateful
+    form on torch tensors, torch.optim's modes (Muon: as it ships), JAX and optax where
+    optax has the same algorithm (Muon; not Adafactor)."""
+    pytest.importorskip("torch")
+    args = ["--shapes", "matrices", "--sizes", "2x8x8+1x8x16", "--repeats", "1", "--warmup", "0"]
+    assert bench.main(["--optimizers", "Adafactor,Muon", *args]) == 0
+    out = capsys.readouterr().out
+    assert "Adafactor, 2x8x8+1x8x16 matrices (256 params)" in out
+    assert "Muon, 2x8x8+1x8x16 matrices (256 params)" in out
+    timed = r"\s+[\d.e+]+ ms"
+    for row in (
+        "polyopt numpy Adafactor",
+        "polyopt numpy adafactor functional",
+        "polyopt.torch.Adafactor",
+        "polyopt torch Adafactor",
+        "torch.optim.Adafactor for-loop",
+        "polyopt numpy Muon",
+        "polyopt numpy muon functional",
+        "polyopt.torch.Muon",
+        "polyopt torch Muon",
+        "torch.optim.Muon",
+    ):
+        assert re.search(re.escape(row) + timed, out), row
+    assert "torch.optim.Muon foreach" not in out
+    assert "n/a: optax.adafactor is another algorithm on matrices" in out
+    if importlib.util.find_spec("optax") is not None:
+        muon_table = out[out.index("Muon, 2x8x8") :]
+        assert re.search(r"optax twin jit" + timed, muon_table)
+    assert re.search(r"Adafactor 2x8x8\+1x8x16: numpy [\d.]+x best peer", out)
+    assert re.search(r"Muon\s+2x8x8\+1x8x16: numpy [\d.]+x best peer", out)
+
+
+def test_matrix_only_optimizers_take_matrices_on_vector_sizes(capsys):
+    """Muon named with vector sizes runs on the default matrices (--quick's here)."""
+    args = ["--quick", "--sizes", "1e3/3", "--repeats", "1", "--warmup", "0", "--libs", "numpy"]
+    assert bench.main(["--optimizers", "SGD,Muon", *args]) == 0
+    out = capsys.readouterr().out
+    assert "SGD, 1k params in 3 tensors" in out
+    assert "(Muon: 2-D params only, run on the matrices 4x256x256+2x256x1024)" in out
+    assert re.search(r"polyopt numpy Muon\s+[\d.e+]+ ms", out)
+    assert "Muon, 1k params" not in out
+
+
+def test_bad_matrix_sizes_exit_with_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--shapes", "matrices", "--sizes", "10/100"])
+    assert e.value.code == 2
+    assert "--sizes: not a count: '10/100'" in capsys.readouterr().err

@@ -21,6 +21,11 @@ implementation's arrays at a time. Columns:
   arrays, on one thread and on all (see :func:`bandwidth` and the printed footnote).
   100 % is a step that moves its 28 bytes per parameter as fast as memory moves.
 
+``--shapes matrices`` makes each problem a list of float32 matrices instead
+(``--sizes 4x1024x1024+2x1024x4096``: COUNTxROWSxCOLS terms joined by ``+``), which
+Adafactor factors; Muon takes matrices only and runs on them whatever ``--shapes`` says
+(:func:`plan`).
+
 ``--memory`` measures instead the extra memory one step of polyopt's NumPy paths
 allocates (``tracemalloc``: NumPy reports its allocations to it).
 Missing libraries are skipped with a note; exit code 0.
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import math
 import os
 import platform
 import re
@@ -39,7 +45,7 @@ import sys
 import time
 import tracemalloc
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +56,10 @@ FLOOR_BYTES = 28
 HP = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
 DEFAULT_SIZES = "10M/100,1M/1000"
 QUICK_SIZES = "1M/100,100k/1000"
+#: ``--shapes matrices``: COUNTxROWSxCOLS terms joined by ``+`` make one problem
+DEFAULT_MATRICES = "4x1024x1024+2x1024x4096"
+QUICK_MATRICES = "4x256x256+2x256x1024"
+SHAPES = ("vectors", "matrices")
 PEERS = ("torch.optim fused", "optax.adamw jit")
 
 
@@ -88,6 +98,37 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def parse_matrices(text: str) -> list[tuple[tuple[int, int], ...]]:
+    """``"4x1024x1024+2x1024x4096,2x8x8"`` -> [((1024, 1024),) * 4 + ((1024, 4096),) * 2,
+    ((8, 8), (8, 8))]: one problem per comma-separated item, ``COUNTxROWSxCOLS`` terms
+    (``ROWSxCOLS``: one matrix) joined by ``+``, counts in k/M/1e4 notation."""
+    out = []
+    for part in text.split(","):
+        shapes: list[tuple[int, int]] = []
+        for term in part.split("+"):
+            dims = [parse_count(x) for x in term.lower().split("x")] if term.strip() else []
+            if len(dims) == 2:
+                dims = [1, *dims]
+            if len(dims) != 3:
+                raise ValueError(
+                    f"not a matrix list: {part!r} (examples: 4x1024x1024+2x1024x4096, 64x64)"
+                )
+            shapes += [(dims[1], dims[2])] * dims[0]
+        out.append(tuple(shapes))
+    return out
+
+
+def matrices_label(shapes: Sequence[tuple[int, ...]]) -> str:
+    """``4x1024x1024+2x1024x4096`` for the problem's matrix shapes (runs of equal ones)."""
+    terms: list[list] = []
+    for shape in shapes:
+        if terms and terms[-1][1] == shape:
+            terms[-1][0] += 1
+        else:
+            terms.append([1, shape])
+    return "+".join(f"{n}x" + "x".join(map(str, shape)) for n, shape in terms)
+
+
 def human(n: int) -> str:
     for unit, div in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
         if n >= div and n % (div // 10) == 0:
@@ -101,10 +142,21 @@ class Problem:
     n_tensors: int
     params: list  # float32 NumPy arrays: the initial values every implementation starts from
     grads: list
+    matrices: bool = False  # 2-D arrays (make_matrix_problem), not 1-D
 
     @property
     def label(self) -> str:
+        if self.matrices:
+            shapes = [tuple(p.shape) for p in self.params]
+            return f"{matrices_label(shapes)} matrices ({human(self.n_params)} params)"
         return f"{human(self.n_params)} params in {self.n_tensors} tensors"
+
+    @property
+    def short(self) -> str:
+        """``10M/100`` (vectors) or ``4x1024x1024+2x1024x4096`` (matrices)."""
+        if self.matrices:
+            return matrices_label([tuple(p.shape) for p in self.params])
+        return f"{human(self.n_params)}/{self.n_tensors}"
 
 
 def make_problem(n_params: int, n_tensors: int, seed: int = 0) -> Problem:
@@ -118,6 +170,37 @@ def make_problem(n_params: int, n_tensors: int, seed: int = 0) -> Problem:
     params = [p[a:b].copy() for a, b in zip(cuts, cuts[1:])]
     grads = [g[a:b].copy() for a, b in zip(cuts, cuts[1:])]
     return Problem(n_params, n_tensors, params, grads)
+
+
+def make_matrix_problem(shapes: Sequence[tuple[int, int]], seed: int = 0) -> Problem:
+    """float32 matrices of ``shapes`` (params N(0, 1), grads N(0, 1e-4)), in that order."""
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    grads = [rng.standard_normal(s, dtype=np.float32) * np.float32(1e-2) for s in shapes]
+    return Problem(sum(p.size for p in params), len(params), params, grads, matrices=True)
+
+
+def make_problems(sizes: Sequence, matrices: bool) -> Iterator[Problem]:
+    """The problems of parsed ``--sizes``, one at a time: vectors ``(total, tensors)``
+    or matrix lists."""
+    for size in sizes:
+        yield make_matrix_problem(size) if matrices else make_problem(*size)
+
+
+def plan(names: Sequence[str], sizes: Sequence, matrices: bool, quick: bool):
+    """``(problem, [names])`` in the order to run them: every size for ``names``, then,
+    on vectors, the optimizers that take matrices only (Muon) on the default matrices
+    (``--quick``'s with ``quick``), as ``--shapes matrices`` would run them."""
+    own = [] if matrices else [n for n in names if needs_matrices(n)]
+    rest = [n for n in names if n not in own]
+    if rest:
+        for pb in make_problems(sizes, matrices):
+            yield pb, rest
+    if own:
+        spec = QUICK_MATRICES if quick else DEFAULT_MATRICES
+        print(f"\n({', '.join(own)}: 2-D params only, run on the matrices {spec})")
+        for pb in make_problems(parse_matrices(spec), True):
+            yield pb, own
 
 
 # -- implementations: each builds a step() closure on copies of the problem's arrays ----
@@ -290,12 +373,32 @@ TORCH_HP = {
     "Adafactor": {},
     "Lamb": {},
     "ScheduleFreeAdamW": {},
+    "Muon": {},
+    "SWATS": {},
 }
 TORCH_MODES = {
     "fused": {"fused": True},
     "foreach": {"foreach": True},
     "for-loop": {"foreach": False},
 }
+#: torch.optim classes without foreach / fused flags: one row, the class as it ships
+TORCH_AS_SHIPPED = {"Muon"}
+
+
+def torch_modes(name: str) -> dict[str, dict]:
+    """The modes torch.optim.<name> is timed in (``""``: as it ships, no flag)."""
+    return {"": {}} if name in TORCH_AS_SHIPPED else TORCH_MODES
+
+
+def torch_row(name: str, mode: str) -> str:
+    return f"torch.optim.{name} {mode}".rstrip()
+
+
+def needs_matrices(name: str) -> bool:
+    """Whether the optimizer of class ``name`` takes 2-D params only (Muon)."""
+    from polyopt.testing import OWN_PROBLEMS
+
+    return functional_name(name) in OWN_PROBLEMS
 
 
 def _torch_params(pb: Problem):
@@ -324,7 +427,7 @@ def _torch_class(name: str, mode: str) -> Callable:
         if not hasattr(torch.optim, name):
             raise Unavailable(f"n/a: torch.optim has no {name}")
         try:
-            opt = getattr(torch.optim, name)(params, **TORCH_HP[name], **TORCH_MODES[mode])
+            opt = getattr(torch.optim, name)(params, **TORCH_HP[name], **torch_modes(name)[mode])
         except (RuntimeError, ValueError, TypeError) as e:
             raise Unavailable(f"n/a: {e}") from None
         return opt.step
@@ -335,7 +438,7 @@ def _torch_class(name: str, mode: str) -> Callable:
 def torch_implementations(name: str) -> list[tuple[str, str, Callable]]:
     """``--torch``: polyopt.torch.<name> and torch.optim.<name> in each of its modes."""
     rows = [(f"polyopt.torch.{name}", "torch", _adapter(name))]
-    rows += [(f"torch.optim.{name} {m}", "torch", _torch_class(name, m)) for m in TORCH_MODES]
+    rows += [(torch_row(name, m), "torch", _torch_class(name, m)) for m in torch_modes(name)]
     return rows
 
 
@@ -343,12 +446,13 @@ def _torch_table(pb: Problem, name: str, rows: list[Row], peers=("torch.optim",)
     timed = [r for r in rows if r.ms is not None and r.name.startswith(peers)]
     best = min(timed, key=lambda r: r.ms) if timed else None
     out = []
+    w = max(28, *(len(r.name) for r in rows))
     for r in rows:
         if r.ms is None:
-            out.append(f"  {r.name:<28} {r.note}")
+            out.append(f"  {r.name:<{w}} {r.note}")
             continue
         ratio = f"{r.ms / best.ms:.2f}x" if best else "-"
-        out.append(f"  {r.name:<28} {r.ms:>9.3g} ms  {ratio:>6}")
+        out.append(f"  {r.name:<{w}} {r.ms:>9.3g} ms  {ratio:>6}")
     head = f"{name}, {pb.label}: time / the fastest peer ({best.name if best else '-'})"
     return "\n".join([head, *out])
 
@@ -373,6 +477,18 @@ OPTAX_TWINS = {
     "Adafactor": lambda optax: optax.adafactor(1e-2),
     "Lamb": lambda optax: optax.lamb(1e-3),
     "ScheduleFreeAdamW": lambda optax: optax.contrib.schedule_free_adamw(2.5e-3),
+    # torch's Muon at its defaults (lr 1e-3, decoupled decay 0.1 scaled by lr, momentum
+    # 0.95 Nesterov, 5 quintic Newton-Schulz steps on the wide orientation): the same
+    # matmuls; optax bias-corrects the EMA, adds eps to the norm, and scales by
+    # sqrt(max(1, cols / rows)) where torch takes sqrt(max(1, rows / cols))
+    "Muon": lambda optax: optax.contrib.muon(1e-3, weight_decay=0.1),
+}
+#: no optax twin on matrices: optax.adafactor is another algorithm there (it factors
+#: the two largest axes when both are >= 128, adds eps 1e-30 to g^2, clips the update
+#: at RMS 1 before scaling and decays beta2 as 1 - t^-0.8 from step 0); on vectors both
+#: are an unfactored second moment, the same work per element
+NO_TWIN_ON_MATRICES = {
+    "Adafactor": "n/a: optax.adafactor is another algorithm on matrices (see bench.py)"
 }
 
 
@@ -387,14 +503,26 @@ def functional_name(name: str) -> str:
     raise KeyError(name)
 
 
-def traffic_bytes(name: str) -> int:
+def traffic_bytes(name: str, pb: Problem | None = None) -> float:
     """Bytes per float32 parameter an in-place step of ``name`` (at TORCH_HP) must move:
-    read and write the param and each slot, read the grad."""
+    read and write the param and each slot, read the grad. With ``pb``, slots counted
+    at their size for its arrays (the rule's ``layout``: Adafactor's factored moments
+    of a matrix are a row and a column); without, every slot the param's size."""
     import polyopt
 
     cls = getattr(polyopt, name)
-    probe = cls([np.zeros(1, np.float32)], **TORCH_HP[name], impl="generic")
-    return 4 * (3 + 2 * len(probe.state.slots))
+    shape = (2, 2) if needs_matrices(name) else (1,)
+    probe = cls([np.zeros(shape, np.float32)], **TORCH_HP[name], impl="generic")
+    names = list(probe.state.slots)
+    rule = polyopt.OPTIMIZERS[functional_name(name)][0]().rule
+    if pb is None or rule.layout is None:
+        return 4 * (3 + 2 * len(names))
+    hp = {**rule.defaults, **TORCH_HP[name]}
+    slot_elems = 0
+    for p in pb.params:
+        shapes = rule.layout(tuple(p.shape), hp)
+        slot_elems += sum(math.prod(s) for s in shapes.values() if s is not None)
+    return 4 * (3 + 2 * slot_elems / pb.n_params)
 
 
 def _polyopt_class_numpy(name: str) -> Callable:
@@ -408,6 +536,46 @@ def _polyopt_class_numpy(name: str) -> Callable:
         params, grads = [a.copy() for a in pb.params], [a.copy() for a in pb.grads]
         impl = "fused" if rule.elementwise else "generic"  # a rule that reduces: generic
         opt = getattr(polyopt, name)(params, **TORCH_HP[name], impl=impl)
+        return lambda: opt.step(grads)
+
+    return build
+
+
+def _polyopt_functional_numpy(name: str) -> Callable:
+    """polyopt's functional form on NumPy (new arrays each step), the stateful rows'
+    implementation choice."""
+
+    def build(pb: Problem) -> Callable[[], None]:
+        import polyopt
+        from polyopt import backends
+
+        factory = polyopt.OPTIMIZERS[functional_name(name)][0]
+        rule = factory().rule
+        if rule.elementwise and not backends.available(rule, "numpy"):
+            raise Unavailable("n/a: pip install numba")
+        impl = "fused" if rule.elementwise else "generic"
+        opt = factory(**TORCH_HP[name], impl=impl)
+        grads = [a.copy() for a in pb.grads]
+        box = [[a.copy() for a in pb.params], None]
+        box[1] = opt.init(box[0])
+
+        def step():
+            box[0], box[1] = opt.update(box[0], grads, box[1])
+
+        return step
+
+    return build
+
+
+def _polyopt_class_torch(name: str) -> Callable:
+    """polyopt's stateful form (``polyopt.<Name>``) on torch tensors, grads passed."""
+
+    def build(pb: Problem) -> Callable[[], None]:
+        _need("torch")
+        import polyopt
+
+        _, params, grads = _torch_tensors(pb)
+        opt = getattr(polyopt, name)(params, **TORCH_HP[name])
         return lambda: opt.step(grads)
 
     return build
@@ -431,6 +599,10 @@ def _optax_twin(name: str) -> Callable:
         _need("optax")
         import optax
 
+        if name not in OPTAX_TWINS:
+            raise Unavailable(f"n/a: optax has no {name}")
+        if pb.matrices and name in NO_TWIN_ON_MATRICES:
+            raise Unavailable(NO_TWIN_ON_MATRICES[name])
         jax, params, grads = _jax_arrays(pb)
         return _optax_step(jax, optax, OPTAX_TWINS[name](optax), params, grads)
 
@@ -451,13 +623,20 @@ def _thinc_adam(pb: Problem) -> Callable[[], None]:
 
 
 def optimizer_implementations(name: str) -> list[tuple[str, str, Callable]]:
-    """``--optimizers``: polyopt's fast path for ``name`` on each library, and its peers."""
-    rows = [(f"polyopt numpy {name}", "numpy", _polyopt_class_numpy(name))]
+    """``--optimizers``: polyopt's fast path for ``name`` on each library (stateful and
+    functional on NumPy; polyopt.torch and the stateful form on torch tensors; jitted
+    on JAX), and its peers."""
+    fname = functional_name(name)
+    rows = [
+        (f"polyopt numpy {name}", "numpy", _polyopt_class_numpy(name)),
+        (f"polyopt numpy {fname} functional", "numpy", _polyopt_functional_numpy(name)),
+    ]
     if name == "Adam":
         rows.append(("thinc NumpyOps.adam (flat)", "numpy", _thinc_adam))
     rows.append((f"polyopt.torch.{name}", "torch", _adapter(name)))
-    rows += [(f"torch.optim.{name} {m}", "torch", _torch_class(name, m)) for m in TORCH_MODES]
-    rows.append((f"polyopt jax {functional_name(name)} jit", "jax", _polyopt_functional_jax(name)))
+    rows.append((f"polyopt torch {name}", "torch", _polyopt_class_torch(name)))
+    rows += [(torch_row(name, m), "torch", _torch_class(name, m)) for m in torch_modes(name)]
+    rows.append((f"polyopt jax {fname} jit", "jax", _polyopt_functional_jax(name)))
     rows.append(("optax twin jit", "jax", _optax_twin(name)))
     return rows
 
@@ -471,9 +650,10 @@ def optimizer_summary(name: str, rows: list[Row], pb: Problem, update_gbs: float
     out = []
     mine = ms.get(f"polyopt numpy {name}")
     if mine and peers:
-        gbs = traffic_bytes(name) * pb.n_params / (mine * 1e-3) / 1e9
+        gbs = traffic_bytes(name, pb) * pb.n_params / (mine * 1e-3) / 1e9
+        vs_torch = f" ({mine / torch_best:.2f}x torch's fastest)" if torch_best else ""
         out.append(
-            f"numpy {mine / min(peers):.2f}x best peer, {gbs:.3g} GB/s = "
+            f"numpy {mine / min(peers):.2f}x best peer{vs_torch}, {gbs:.3g} GB/s = "
             f"{100 * gbs / update_gbs:.0f}% of the in-place stream"
         )
     if ms.get(f"polyopt.torch.{name}") and torch_best:
@@ -484,7 +664,9 @@ def optimizer_summary(name: str, rows: list[Row], pb: Problem, update_gbs: float
     return out
 
 
-def _main_optimizers(names, sizes, warmup, repeats, libs, sequential) -> int:
+def _main_optimizers(
+    names, sizes, warmup, repeats, libs, sequential, matrices=False, quick=False
+) -> int:
     threads = os.cpu_count() or 1
     update_gbs = max(bandwidth(256 * 2**20, t, "update") for t in sorted({1, threads}))
     print(
@@ -494,9 +676,8 @@ def _main_optimizers(names, sizes, warmup, repeats, libs, sequential) -> int:
     print(f"machine: {platform.machine()}, {threads} CPUs; libraries: {_versions()}")
     print(f"in-place stream (np.add(a, b, out=a), 256 MiB float32): {update_gbs:.3g} GB/s")
     summary = []
-    for n, t in sizes:
-        pb = make_problem(n, t)
-        for name in names:
+    for pb, todo in plan(names, sizes, matrices, quick):
+        for name in todo:
             impls = optimizer_implementations(name)
             n_impls = sum(lib in libs for _, lib, _ in impls)
             interleave = not sequential and fits_interleaved(pb, n_impls)
@@ -505,7 +686,7 @@ def _main_optimizers(names, sizes, warmup, repeats, libs, sequential) -> int:
             print(_torch_table(pb, name, rows, peers=("torch.optim", "optax", "thinc")))
             line = optimizer_summary(name, rows, pb, update_gbs)
             print("  " + "; ".join(line))
-            summary.append(f"{name:<9} {human(pb.n_params)}/{pb.n_tensors}: " + "; ".join(line))
+            summary.append(f"{name:<9} {pb.short}: " + "; ".join(line))
             sys.stdout.flush()
     print("\nsummary (ratios in the same run):")
     print("\n".join("  " + x for x in summary))
@@ -808,7 +989,11 @@ def memory_rows(pb: Problem) -> list[tuple[str, int | None, str]]:
     AdamW's generic and fused rows, then every optimizer's fused step."""
     out: list[tuple[str, int | None, str]] = []
     rows = [(name, build) for name, lib, build in IMPLEMENTATIONS if lib == "numpy"]
-    rows += [(f"polyopt numpy {n} fused", _polyopt_class_numpy(n)) for n in TORCH_HP]
+    rows += [
+        (f"polyopt numpy {n} fused", _polyopt_class_numpy(n))
+        for n in TORCH_HP
+        if pb.matrices or not needs_matrices(n)  # Muon takes matrices only
+    ]
     for name, build in rows:
         try:
             step = build(pb)
@@ -857,8 +1042,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sizes",
         default=None,
-        help=f"TOTAL/TENSORS[,...] (default {DEFAULT_SIZES}; --quick: {QUICK_SIZES}); "
-        "counts take k, M, G or 1e4 notation",
+        help=f"vectors: TOTAL/TENSORS[,...] (default {DEFAULT_SIZES}; --quick: {QUICK_SIZES}); "
+        "--shapes matrices: COUNTxROWSxCOLS[+...][,...] (default "
+        f"{DEFAULT_MATRICES}; --quick: {QUICK_MATRICES}); counts take k, M, G or 1e4 notation",
+    )
+    p.add_argument(
+        "--shapes",
+        choices=SHAPES,
+        default="vectors",
+        help="the params: 1-D vectors (default) or 2-D matrices, which exercise Adafactor's "
+        "factored moments; optimizers that take matrices only (Muon) run on matrices "
+        "either way",
     )
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default 10; quick 3)")
@@ -898,10 +1092,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    matrices = args.shapes == "matrices"
     try:
-        sizes = parse_sizes(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
+        if matrices:
+            sizes = parse_matrices(
+                args.sizes or (QUICK_MATRICES if args.quick else DEFAULT_MATRICES)
+            )
+        else:
+            sizes = parse_sizes(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
     except ValueError as e:
-        _parser().error(str(e))
+        _parser().error(f"--sizes: {e}")
     libs = [s.strip() for s in args.libs.split(",") if s.strip()]
     bad = sorted(set(libs) - set(LIBS))
     if bad:
@@ -911,8 +1111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.memory:
         print("polyopt bench --memory: float32 AdamW, stateful form, after one warm-up step")
-        for n, t in sizes:
-            pb = make_problem(n, t)
+        for pb in make_problems(sizes, matrices):
             print()
             print(_memory_table(pb, memory_rows(pb)))
         print(
@@ -923,13 +1122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     if args.torch:
-        return _main_torch(sizes, warmup, repeats, args.sequential)
+        return _main_torch(sizes, warmup, repeats, args.sequential, matrices, args.quick)
     if args.optimizers:
         names = list(TORCH_HP) if args.optimizers == "all" else args.optimizers.split(",")
         bad = [x for x in names if x not in TORCH_HP]
         if bad:
             _parser().error(f"--optimizers: unknown {bad}; choose from {', '.join(TORCH_HP)}")
-        return _main_optimizers(names, sizes, warmup, repeats, libs, args.sequential)
+        return _main_optimizers(
+            names, sizes, warmup, repeats, libs, args.sequential, matrices, args.quick
+        )
 
     copy_bytes = (64 if args.quick else 256) * 2**20
     threads = os.cpu_count() or 1
@@ -956,8 +1157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError:  # pragma: no cover - not on this platform
         pass
     results = []
-    for n, t in sizes:
-        pb = make_problem(n, t)
+    for pb in make_problems(sizes, matrices):
         n_impls = sum(lib in libs for _, lib, _ in IMPLEMENTATIONS)
         interleave = not args.sequential and fits_interleaved(pb, n_impls)
         if not args.sequential and not interleave:
@@ -995,15 +1195,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _main_torch(sizes, warmup: int, repeats: int, sequential: bool) -> int:
+def _main_torch(
+    sizes, warmup: int, repeats: int, sequential: bool, matrices=False, quick=False
+) -> int:
     print(
         "polyopt bench --torch: one float32 step of polyopt.torch.<Name> and of "
         "torch.optim.<Name>, same arrays, .grad set once"
     )
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; libraries: {_versions()}")
-    for n, t in sizes:
-        pb = make_problem(n, t)
-        for name in TORCH_HP:
+    for pb, todo in plan(list(TORCH_HP), sizes, matrices, quick):
+        for name in todo:
             impls = torch_implementations(name)
             rows = run_size(pb, warmup, repeats, ["torch"], not sequential, impls)
             print()

@@ -85,7 +85,14 @@ def _init(p: Any, hp: dict, xp: Any) -> dict:
 
 
 def _rms(x: Any, n: int, xp: Any) -> Any:
-    """Root mean square of all of ``x`` (a 0-d array): ``‖x‖₂ / sqrt(n)`` as torch."""
+    """Root mean square of all of ``x`` (a 0-d array): ``‖x‖₂ / sqrt(n)`` as torch.
+
+    The norm is the library's own ``linalg.vector_norm`` where it has the extension (one
+    pass and no temporary in torch, whose Adafactor takes the same norm; NumPy's is
+    ``sqrt(sum(x*x))``), else ``sqrt(sum(x * x))``."""
+    linalg = getattr(xp, "linalg", None)
+    if linalg is not None and hasattr(linalg, "vector_norm"):
+        return linalg.vector_norm(x) / math.sqrt(n)
     return xp.sqrt(xp.sum(x * x)) / math.sqrt(n)
 
 
@@ -96,6 +103,22 @@ def _min(a: Any, b: Any, xp: Any) -> Any:
     if _xp.is_python_scalar(a):
         return xp.clip(b, max=a)
     return xp.clip(a, max=b)
+
+
+#: params of at least this many elements check whether the clamp of ``sqrt(V)`` can
+#: act before running it (the check costs about a clamp of this size)
+CHECK_CLAMP_FROM = 1 << 15
+
+
+def _at_least(sr: Any, sc: Any, eps1: float, n: int, xp: Any) -> bool:
+    """Whether every ``sr_i · sc_j`` is known to be >= ``eps1``, so that clamping their
+    product (``n`` numbers) at ``eps1`` would change nothing: min(sr) · min(sc) >= eps1
+    (rounding is monotone), read where that costs no device sync (NumPy, CPU torch).
+    False when unknown (jit, a GPU), for small arrays, and for NaN."""
+    if n < CHECK_CLAMP_FROM:
+        return False
+    bound = _xp.host_value(xp.asarray(xp.min(sr) * xp.min(sc)))
+    return bound is not None and bound >= eps1
 
 
 def _lerp(old: Any, new: Any, w: Any) -> Any:
@@ -119,13 +142,22 @@ def _step(p, g, s, hp, t, xp):
     if p.ndim >= 2:
         row = _lerp(s["row_var"], xp.mean(g2, axis=-1, keepdims=True), w)
         col = _lerp(s["col_var"], xp.mean(g2, axis=-2, keepdims=True), w)
+        del g2  # a temporary the size of p: free it before the next one
         new_s = {"row_var": row, "col_var": col}
-        # the outer product row ⊗ col (torch's row_var @ col_var), over the row mean
-        var = (row * col) / xp.clip(xp.mean(row, axis=-2, keepdims=True), min=eps1)
+        # V = R ⊗ C / r (r: the row mean) and sqrt(max(V, ε1²)) = max(sqrt(V), ε1), with
+        # sqrt(V) = sqrt(R/r) ⊗ sqrt(C): the square roots and the division by r on the
+        # m + n numbers of the factors, then one product the size of p and its clamp
+        # (torch: the product, then a division, a clamp and rsqrt over it)
+        r = xp.clip(xp.mean(row, axis=-2, keepdims=True), min=eps1)
+        sr, sc = xp.sqrt(row / r), xp.sqrt(col)
+        root = sr * sc
+        if not _at_least(sr, sc, eps1, n, xp):
+            root = xp.clip(root, min=eps1)
+        u = g / root
     else:
         var = _lerp(s["variance"], g2, w)
         new_s = {"variance": var}
-    u = g / xp.sqrt(xp.clip(var, min=eps1 * eps1))
+        u = g / xp.sqrt(xp.clip(var, min=eps1 * eps1))
     denom = xp.clip(_rms(u, n, xp) / hp["d"], min=1.0)
     return p - (alpha / denom) * u, new_s
 
@@ -201,7 +233,12 @@ def adafactor(
     group, torch uses the first param's dtype for all of them, polyopt each param's
     own compute dtype; RMS(p) and RMS(U) stay on the device (torch reads them to the host, one sync
     each per array). Complex params are refused at ``init`` (torch refuses them at
-    ``step``).
+    ``step``). A factored array's ``1/sqrt(max(V, ε1²))`` is computed as
+    ``1 / max(sqrt(R/r) ⊗ sqrt(C), ε1)`` (square roots of the factors, then one product
+    and one clamp the size of the array; the clamp skipped where the factors' minima
+    show it cannot act): equal to torch's within rounding, but where torch's product
+    ``R ⊗ C`` overflows (float32 gradients of ~1e10) or its ε1² underflows to 0, this
+    keeps finite values.
 
     Conventions elsewhere: the paper (and optax's ``adafactor``, Hugging Face's
     ``Adafactor``) add ε1 = 1e-30 to g² inside both factors, use ρ_t = min(0.01,
