@@ -597,7 +597,14 @@ def run_script(script: str, env: dict, cwd) -> dict:
 @pytest.fixture(scope="module")
 def sharding_results(tmp_path_factory):
     if not _SHARDING:
-        env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+        # this process's XLA_FLAGS (tests/conftest.py's compile-time choice) plus the
+        # device count and LLVM optimization level 0, as tests/test_jax.py's subprocesses:
+        # the script compiles small programs that run 5 steps (HLO and XLA's HLO passes
+        # are unchanged; XLA's defaults run in test_conformance.py's subprocess)
+        flags = [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]
+        if "xla_backend_optimization_level" not in flags[0]:
+            flags.append("--xla_backend_optimization_level=0")
+        env = {"XLA_FLAGS": " ".join(f for f in flags if f), "JAX_PLATFORMS": "cpu"}
         _SHARDING.update(run_script(SHARDING_SCRIPT, env, tmp_path_factory.mktemp("shard")))
     return _SHARDING
 
