@@ -287,3 +287,44 @@ def test_bad_matrix_sizes_exit_with_usage_error(capsys):
         bench.main(["--shapes", "matrices", "--sizes", "10/100"])
     assert e.value.code == 2
     assert "--sizes: not a count: '10/100'" in capsys.readouterr().err
+
+
+def test_quick_is_one_small_size_with_a_progress_bar(capsys):
+    # the CLI's promise: --quick is a smoke test (one small problem), with progress
+    assert bench.QUICK_SIZES == "100k/100"
+    assert bench.main(["--quick", "--libs", "numpy", "--repeats", "1", "--warmup", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "100k params in 100 tensors" in captured.out
+    assert bench.main(["--quick", "--libs", "numpy", "-q", "--repeats", "1"]) == 0
+    assert "step" not in capsys.readouterr().err  # -q: no bar
+
+
+def test_optimizer_names_any_case_and_functional(capsys):
+    args = ["--optimizers", "adamw,Schedule_Free_AdamW", "--sizes", "1e3/2", "--libs", "numpy"]
+    assert bench.main([*args, "--repeats", "1", "--warmup", "0", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "AdamW" in out and "ScheduleFreeAdamW" in out
+
+
+def test_nothing_ran_is_exit_1(monkeypatch, capsys):
+    def unavailable(pb):
+        raise bench.Unavailable("n/a: not here")
+
+    monkeypatch.setattr(
+        bench, "IMPLEMENTATIONS", [(n, lib, unavailable) for n, lib, _ in bench.IMPLEMENTATIONS]
+    )
+    assert bench.main(["--sizes", "1e3/2", "--libs", "numpy", "-q", "--repeats", "1"]) == 1
+    assert "nothing ran" in capsys.readouterr().err
+
+
+def test_missing_library_names_the_extra(monkeypatch):
+    real = bench.importlib.util.find_spec
+    monkeypatch.setattr(
+        bench.importlib.util, "find_spec", lambda m: None if m == "torch" else real(m)
+    )
+    with pytest.raises(
+        bench.Unavailable, match=r"torch not installed \(pip install 'polyopt\[torch\]'\)"
+    ):
+        bench._need("torch")
+    assert bench._install("optax") == "pip install 'polyopt[jax]'"
+    assert bench._install("numba") == "pip install 'polyopt[fast]'"
