@@ -99,7 +99,7 @@ def test_fused_without_a_fast_path_is_a_clear_error():
 
 def test_jax_cells_under_xla_default_compiler_flags():
     """conftest.py compiles with XLA's classic CPU emitters (faster to compile); every
-    optimizer's two richest rows, generic and fused, in float32, pass under
+    optimizer's richest row, generic and fused, in float32, passes under
     XLA's default flags too."""
     import json
     import os
@@ -110,7 +110,7 @@ def test_jax_cells_under_xla_default_compiler_flags():
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_cpu_use_fusion_emitters=false", "")
     script = (
         "import json; from polyopt import testing\n"
-        "rows = testing.tagged(testing.FULL) + testing.tagged(testing.SCHEDULED)\n"
+        "rows = testing.tagged(testing.FULL)\n"
         "cells = testing.cells(['jax'], ['float32'], cases=rows)\n"
         "print(json.dumps([[r.cell.id, r.status, r.reason] for r in testing.run(cells)]))\n"
     )
@@ -119,5 +119,5 @@ def test_jax_cells_under_xla_default_compiler_flags():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads(out.stdout.splitlines()[-1])
-    assert len(results) >= 2 * len(testing.NAMES)  # generic + fused or two rows each
+    assert len(results) >= len(testing.NAMES)
     assert [r for r in results if r[1] != "pass"] == []
