@@ -547,12 +547,26 @@ _SHARDING: dict = {}
 
 @pytest.fixture(scope="module")
 def sharding_results(tmp_path_factory):
-    if not _SHARDING:
-        env = {
-            "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4"),
-            "JAX_PLATFORMS": "cpu",
-        }
+    """The sharding script's results, run once a session: under pytest-xdist the first
+    worker to take the lock runs it and leaves the results for the others."""
+    if _SHARDING:
+        return _SHARDING
+    env = {
+        "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4"),
+        "JAX_PLATFORMS": "cpu",
+    }
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
         _SHARDING.update(run_script(SHARDING_SCRIPT, env, tmp_path_factory.mktemp("sharding")))
+        return _SHARDING
+    from filelock import FileLock  # a dependency of torch and of jax's test tools
+
+    root = tmp_path_factory.getbasetemp().parent
+    done = root / "jax_sharding.json"
+    with FileLock(str(root / "jax_sharding.lock")):
+        if not done.exists():
+            res = run_script(SHARDING_SCRIPT, env, tmp_path_factory.mktemp("sharding"))
+            done.write_text(json.dumps(res))
+    _SHARDING.update(json.loads(done.read_text()))
     return _SHARDING
 
 
