@@ -332,16 +332,16 @@ def cells(
     chosen = [
         b for b in BACKENDS if backends_ is None or b.name in backends_ or b.label in backends_
     ]
-    fused = {name: OPTIMIZERS[name][0]().rule for name in {c.name for c in CASES}}
+    rows = CASES if cases is None else list(cases)
+    rules = {name: OPTIMIZERS[name][0]().rule for name in {c.name for c in rows}}
     return [
         Cell(c, b, d, i)
-        for c in (CASES if cases is None else cases)
+        for c in rows
         for b in chosen
         for d in (DTYPES if dtypes is None else dtypes)
         if (c.dtypes is None or d in c.dtypes) and d in b.dtypes
         for i in impls
-        if i == "generic"
-        or backends.exists(fused.get(c.name) or OPTIMIZERS[c.name][0]().rule, b.name)
+        if i == "generic" or backends.exists(rules[c.name], b.name)
     ]
 
 
