@@ -232,6 +232,34 @@ def test_vmap_over_learning_rates_equals_separate_runs(jax, name):
             np.testing.assert_allclose(batched[k][i], one[k], rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_vmap_over_a_schedule_scaled_by_a_traced_lr(jax, name):
+    """``lr=lambda k: α·η(k)`` with α a vmapped tracer: the schedule's value is an array
+    even where the step count is a host int (init's check), and the batched runs equal
+    separate runs with ``cosine(α, T)`` (the grids of ``polyopt paper``)."""
+    from polyopt import schedules
+
+    jnp = jax.numpy
+    params, grads = _jax_problem(jnp)
+    eta = schedules.cosine(1.0, 4)
+    alphas = jnp.asarray([0.01, 0.03, 0.1])
+    kw = {"weight_decay": 0.1, **({"momentum": 0.9} if name == "sgd" else {})}
+    factory = polyopt.OPTIMIZERS[name][0]
+
+    def train(lr):
+        opt = factory(lr=lr, **kw)
+        p, state = params, opt.init(params)
+        for g in grads:
+            p, state = opt.update(p, g, state)
+        return p
+
+    batched = jax.jit(jax.vmap(lambda a: train(lambda k: a * eta(k))))(alphas)
+    for i, a in enumerate(alphas.tolist()):
+        one = train(schedules.cosine(a, 4))
+        for k in one:
+            np.testing.assert_allclose(batched[k][i], one[k], rtol=2e-6, atol=1e-7)
+
+
 def test_vmap_over_betas(jax):
     jnp = jax.numpy
     params, grads = _jax_problem(jnp)

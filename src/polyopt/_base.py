@@ -866,9 +866,11 @@ def _cache_key(overrides: dict) -> tuple | None:
 
 def _scheduled(name: str, schedule: Callable, k: Any, where: str) -> Any:
     """``schedule(k)``, checked wherever its value is concrete: a real number, finite,
-    >= 0. Under ``jax.jit`` the value is traced and cannot be checked."""
+    >= 0. Under ``jax.jit`` the value is traced and cannot be checked; nor can it where a
+    schedule scales an array hyperparameter (``lambda k: lr * eta(k)`` with ``lr`` a
+    tracer, under ``jax.vmap`` over learning rates), whatever ``k`` is."""
     value = schedule(k)
-    if _xp.is_python_scalar(k):  # host step count: host float64 math
+    if _xp.is_python_scalar(k) and not _xp.is_array(value):  # host float64 math
         try:
             x = value = float(_validate.normalize(name, value))
         except (TypeError, ValueError):
