@@ -38,6 +38,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "polyopt.bench:main",
         "time one fp32 AdamW step against torch.optim, optax and the 28 bytes/param floor",
     ),
+    "paper": (
+        "polyopt.paper:main",
+        "re-measure the AdamW paper's findings on an MNIST subset: lr x decay landscapes, "
+        "warm restarts, normalized weight decay",
+    ),
 }
 
 
@@ -47,6 +52,7 @@ PARSERS: dict[str, str] = {
     "demo": "polyopt.demo:build_parser",
     "conformance": "polyopt.conformance:build_parser",
     "bench": "polyopt.bench:_parser",
+    "paper": "polyopt.paper:build_parser",
 }
 
 

@@ -47,6 +47,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "numba": ("numba", "pip install 'polyopt[fast]'"),
     "array_api_strict": ("array-api-strict", "pip install 'polyopt[strict]'"),
     "dask": ("dask", "pip install 'dask[array]'"),
+    "mlxtend": ("mlxtend", "pip install 'polyopt[paper]'"),
 }
 
 
