@@ -15,7 +15,17 @@ import sys
 from pathlib import Path
 
 #: Modules this environment must not have, or the checks below prove nothing.
-ABSENT = ("torch", "jax", "optax", "sklearn", "matplotlib", "numba", "cupy", "array_api_strict")
+ABSENT = (
+    "torch",
+    "jax",
+    "optax",
+    "sklearn",
+    "matplotlib",
+    "numba",
+    "cupy",
+    "array_api_strict",
+    "mlxtend",
+)
 
 #: (module, extra): importing the module raises an ImportError naming the extra.
 IMPORTS = [("polyopt.torch", "torch"), ("polyopt.optax", "jax")]
@@ -25,6 +35,7 @@ IMPORTS = [("polyopt.torch", "torch"), ("polyopt.optax", "jax")]
 #: cannot do what was asked exits non-zero.
 COMMANDS = [
     (["demo"], ["demo"], True),
+    (["paper", "--quick"], ["paper"], True),
     (["conformance", "--backend", "torch"], ["torch"], True),
     (["conformance", "--backend", "jax"], ["jax"], True),
     (["conformance", "--backend", "cupy"], ["cupy"], True),
