@@ -177,9 +177,60 @@ def test_quick_run_writes_figures_and_numbers(tmp_path, capsys):
 def test_bad_arguments_are_usage_errors(capsys):
     assert cli.main(["paper", "--backend", "tensorflow"]) == 2
     assert "unknown backend 'tensorflow'" in capsys.readouterr().err
+    assert cli.main(["paper", "--decay-scope", "b2"]) == 2
+    assert "unknown decay scope 'b2'" in capsys.readouterr().err
     assert cli.main(["paper", "--seeds", "0"]) == 2
     assert "--seeds: must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="backend must be one of"):
         paper.train_grid(
             paper._grid_job(paper.METHODS["sgdw"], [0.1], [0.1], 1, 1), _tiny_data(), backend="cupy"
         )
+
+
+@pytest.mark.parametrize("key", ["sgd_l2", "adamw"])
+def test_decay_scope_w1_regularizes_w1_only(key):
+    """``scope="W1"``: W1 steps as with the decay, W2 and b2 as with none, in both forms."""
+    method = paper.METHODS[key]
+    params, X, Y = _tiny()
+    _, grads = paper.loss_and_grads(params, X, Y, np)
+    eta = paper._eta("cosine", 10, 1)
+    alpha, lam = 0.01, 0.5
+
+    def one_step(scope=None, lam_=lam, form="functional"):
+        p = {k: v.copy() for k, v in params.items()}
+        if form == "stateful":
+            opt = paper.make_optimizer(method, alpha, lam_, eta, params=p, scope=scope)
+            opt.step(grads)
+            return p
+        opt = paper.make_optimizer(method, alpha, lam_, eta, scope=scope or "all")
+        return opt.update(p, grads, opt.init(p))[0]
+
+    decayed, plain = one_step("all"), one_step("all", lam_=0.0)
+    for form in ("functional", "stateful"):
+        split = one_step("W1", form=form)
+        np.testing.assert_array_equal(split["W1"], decayed["W1"])
+        for k in ("W2", "b2"):
+            np.testing.assert_array_equal(split[k], plain[k])
+    assert not np.array_equal(decayed["W2"], plain["W2"])  # the decay did act on W2
+    with pytest.raises(ValueError, match="scope must be one of"):
+        paper.make_optimizer(method, alpha, lam, eta, scope="W2")
+
+
+def test_jax_grid_equals_numpy_runs_with_decay_scope_w1():
+    pytest.importorskip("jax")
+    job = paper._grid_job(paper.METHODS["sgdw"], (0.05,), [3e-2], 2, 2, scope="W1")
+    data, kw = _tiny_data(), dict(hidden=8, batch_size=20)
+    j = paper.train_grid(job, data, backend="jax", **kw)
+    n = paper.train_grid(job, data, backend="numpy", **kw)
+    np.testing.assert_allclose(j["train_loss"], n["train_loss"], rtol=2e-4)
+
+
+def test_for_scope_widens_the_grids_for_w1_only():
+    plan = paper.for_scope(paper.FULL, "W1")
+    assert plan.scope == "W1" and paper.for_scope(paper.FULL, "all") == paper.FULL
+    f = paper.W1_GRID_FACTOR
+    for k, lams in paper.FULL.lams.items():
+        np.testing.assert_allclose(plan.lams[k], np.asarray(lams) * f)
+    np.testing.assert_allclose(plan.lam_norms, np.asarray(paper.FULL.lam_norms) * f / 2)
+    with pytest.raises(ValueError, match="scope must be one of"):
+        paper.for_scope(paper.FULL, "b2")
