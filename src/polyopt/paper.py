@@ -801,9 +801,9 @@ def plot_landscapes(results: dict, path: str) -> str:
     plan, data = results["plan"], results["data"]
     fig.suptitle(
         f"Final test error, mean of {plan['seeds']} seeds, MNIST subset ({data['n_train']} "
-        f"train / {data['n_test']} test, 14×14), MLP {data['features']}-{plan['hidden']}-10 with "
-        f"layer norm; {plan['epochs']} epochs, batch {plan['batch_size']}, cosine annealing; "
-        f"regularized: {'all weights' if plan.get('scope', 'all') == 'all' else 'W1 only'}.\n"
+        f"train / {data['n_test']} test, 14×14), MLP {data['features']}-{plan['hidden']}-10 "
+        f"with layer norm; {plan['epochs']} epochs, batch {plan['batch_size']}, cosine.\n"
+        f"Regularized: {'all weights' if plan.get('scope', 'all') == 'all' else 'W1 only'}. "
         "L2: g ← g + λ·p.  Decoupled (the paper's convention): p ← p − η_t·λ·p, η_t the "
         "schedule multiplier. Slope interval: 95% bootstrap over seeds.",
         fontsize=10,
