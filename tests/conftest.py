@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # XLA's CPU fusion emitters (its default) compile a small program 2-3x slower than the
 # classic emitters (measured: an AdamW update of 4 arrays 0.48 s vs 0.19 s), and the
 # suite compiles about two thousand small programs. The tests run with the classic
@@ -43,6 +45,20 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch on one thread for a module of tiny tensors, in a serial run too: a second
+    thread buys nothing, and on a busy 2-core machine each parallel region waits for a
+    descheduled thread (test_torch_fused ran 5x slower). Use it with
+    ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _gpu_missing() -> str | None:

@@ -36,14 +36,8 @@ TORCH_CASES = [c for c in C.CASES if T.torch_supports(c)]
 TORCH_IDS = [c.id for c in TORCH_CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # arrays of at most 12 elements: a second thread buys nothing, and on a busy 2-core
-    # machine each parallel region waits for a descheduled thread
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny tensors: torch on one thread for this module, also in a serial run (conftest)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def assert_close(actual, desired, what: str) -> float:

